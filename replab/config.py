@@ -1,0 +1,374 @@
+"""The typed run configuration: YAML + ``--set section.key=value`` overrides, validated up front.
+
+A run is described by one :class:`RunConfig` with the sections ``data``, ``model``, ``method``, ``train``,
+``eval`` and ``tracking`` (plus ``sweep`` for ``replab sweep``, kept as plain data and checked by the
+sweep module). Every key is declared here with its type and, where the set is closed, its valid choices.
+The ``method`` section holds ``name`` plus the hyper-parameters that method declares in its own ``Params``
+dataclass (see :mod:`replab.methods.base`), so ``--set method.temperature=0.2`` is checked against the
+chosen method.
+
+Any problem is raised as :class:`ConfigError` whose message is one line naming the key and the valid
+choices; the CLI prints it and exits with code 2 before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the key and the valid choices."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"
+    """A named dataset (cifar10, tinyimagenet, imagenette128) under ``root``, or a path/URI to parquet
+    shards, an image folder or tar shards."""
+    root: str = ""
+    """Where named datasets live. Empty: $REPLAB_DATA_ROOT, else ~/.cache/replab/datasets."""
+    split: str = "train"
+    limit: int | None = None
+    """Use at most this many training images (a seeded random subset, nested across sizes)."""
+    resolution: int = 32
+    """Side of the square uint8 images sent to the trainers (decode + resize on CPU workers)."""
+    image_column: str = "image"
+    label_column: str = "label"
+    seed: int = 0
+    cache: Literal["auto", "on", "off"] = "auto"
+    """Keep decoded images in the Ray object store (``auto``: when they fit in a quarter of it)."""
+    shuffle_buffer: int = 8192
+    """Rows in the trainer-side shuffle buffer used when the corpus is streamed (not cached)."""
+    decode_batch_size: int = 256
+    download: bool = False
+    """Download and convert a missing named dataset (needs a network)."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    """resnet18/34/50/101, vit_tiny/vit_small/vit_base (see ``replab methods --backbones``)."""
+    width: float = 1.0
+    """ResNet width multiplier (0.25 .. 4)."""
+    cifar_stem: Literal["auto", "on", "off"] = "auto"
+    """3x3 stride-1 stem without max-pool; ``auto`` turns it on at resolution <= 64."""
+    patch_size: int | None = None
+    """ViT patch size; None picks one from the resolution (4 at 32 px, 8 at 64 px, 16 above)."""
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    params: dict[str, Any] = field(default_factory=dict)
+    """Method hyper-parameters, written flat in YAML next to ``name`` (validated by the method)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 256
+    """Global batch size, split evenly over the workers."""
+    num_workers: int = 1
+    """Ray Train workers (one process each; one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    optimizer: Literal["auto", "sgd", "lars", "adamw"] = "auto"
+    """``auto``: the method's published optimizer."""
+    lr: float | None = None
+    """Base learning rate for a batch of 256 (scaled linearly with batch_size); None: the method's."""
+    weight_decay: float | None = None
+    warmup_epochs: float = 10.0
+    min_lr_ratio: float = 0.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 autocast on GPU and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32."""
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = 1
+    """Save a checkpoint every this many epochs (0: only at the end)."""
+    storage_path: str = "runs"
+    """Checkpoints and Ray Train state: a local path (made absolute) or a URI (s3://, gs://)."""
+    name: str = ""
+    """Run name; empty: derived from the method, backbone and dataset. Re-running a name resumes it."""
+    seed: int = 0
+    max_failures: int = 0
+    """Ray Train worker-group restarts after a worker dies (resumes from the last checkpoint)."""
+    steps_per_epoch: int | None = None
+    """Cap on steps per epoch (None: all full batches)."""
+    log_every: int = 20
+
+
+@dataclass
+class EvalConfig:
+    knn: bool = True
+    linear: bool = True
+    every: int = 0
+    """Evaluate every this many epochs (0: only before and after training)."""
+    before_training: bool = True
+    """Evaluate the random-init encoder first (the baseline)."""
+    dataset: str = ""
+    """Dataset for kNN / probe; empty: the training dataset. Its train split is the labeled bank."""
+    train_split: str = "train"
+    test_split: str = ""
+    """Empty: ``test`` or ``val``, whichever the dataset has."""
+    bank_limit: int | None = 10000
+    test_limit: int | None = 10000
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    linear_epochs: int = 30
+    linear_lr: float = 0.1
+    batch_size: int = 512
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (absolute)."""
+    experiment: str = "replab"
+    enabled: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    """Sweep axes and search (``replab sweep``); ignored by ``replab train``."""
+    source_file: str = ""
+    """The YAML file this config came from (set by :func:`load_config`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        method = out.pop("method")
+        out["method"] = {"name": method["name"], **method["params"]}
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` for every key (MLflow params)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    out[f"{section}.{key}"] = value
+        return out
+
+
+SECTIONS = ("data", "model", "method", "train", "eval", "tracking")
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in SECTIONS if name != "method"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` to the declared type ``tp`` or raise a one-line :class:`ConfigError`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: {value!r} is not valid; expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not valid; expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not valid; expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: {value!r} is not valid; expected a string")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected a list")
+        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+        items = [coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected a mapping")
+        return dict(value)
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.epochs=3"`` -> ``("train.epochs", 3)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if "." not in key:
+        raise ConfigError(f"--set {text!r}: expected section.key=value with section one of: {', '.join(SECTIONS)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw[section][key] = value`` on the plain (unvalidated) config mapping."""
+    section, _, rest = key.partition(".")
+    node = raw.setdefault(section, {})
+    if not isinstance(node, dict):
+        raise ConfigError(f"{section}: expected a mapping")
+    parts = rest.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def from_dict(raw: dict[str, Any], source_file: str = "") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain mapping (as read from YAML)."""
+    from replab.methods import registry  # local: the method registry validates the method section
+
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError("config: the top level must be a mapping of sections")
+    valid_sections = (*SECTIONS, "sweep")
+    for section in raw:
+        if section not in valid_sections:
+            raise ConfigError(f"{section}: unknown section; valid sections: {', '.join(valid_sections)}")
+
+    sections: dict[str, Any] = {}
+    for name, cls in _section_classes().items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{name}.{key}: unknown key; valid keys: {', '.join(hints)}")
+            kwargs[key] = coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+
+    method_raw = dict(raw.get("method") or {})
+    method_name = str(method_raw.pop("name", MethodConfig.name))
+    params_raw = method_raw.pop("params", {}) or {}
+    params_raw.update(method_raw)
+    sections["method"] = MethodConfig(name=method_name, params=registry.validate_params(method_name, params_raw))
+
+    sweep = raw.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        raise ConfigError("sweep: expected a mapping")
+    cfg = RunConfig(**sections, sweep=sweep, source_file=source_file)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    from replab.models import backbones
+
+    def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected a {'non-negative' if allow_zero else 'positive'} number")
+
+    positive("data.limit", cfg.data.limit)
+    positive("data.resolution", cfg.data.resolution)
+    positive("train.epochs", cfg.train.epochs)
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.num_workers", cfg.train.num_workers, allow_zero=True)
+    positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
+    positive("train.warmup_epochs", cfg.train.warmup_epochs, allow_zero=True)
+    positive("train.lr", cfg.train.lr)
+    positive("eval.every", cfg.eval.every, allow_zero=True)
+    positive("eval.knn_k", cfg.eval.knn_k)
+    positive("model.width", cfg.model.width)
+    workers = max(cfg.train.num_workers, 1)
+    if cfg.train.batch_size % workers:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by train.num_workers={workers}; "
+            "choose a multiple of the worker count"
+        )
+    if cfg.model.backbone not in backbones.BACKBONES:
+        raise ConfigError(
+            f"model.backbone: {cfg.model.backbone!r} is not valid; choose one of: {', '.join(backbones.BACKBONES)}"
+        )
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read ``path`` (YAML; None: all defaults), apply ``--set`` overrides and validate."""
+    raw: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = str(exc).replace("\n", " ")
+            raise ConfigError(f"{path}: not valid YAML ({line})") from None
+        source = str(p.resolve())
+    for item in overrides:
+        key, value = parse_override(item)
+        apply_override(raw, key, value)
+    return from_dict(raw, source_file=source)

@@ -1,0 +1,1 @@
+"""Backbones (encoders) and the MLP heads the methods put on them."""
