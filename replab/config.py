@@ -51,6 +51,30 @@ class DataConfig:
     decode_batch_size: int = 256
     download: bool = False
     """Download and convert a missing named dataset (needs a network)."""
+    # -- semi-supervised and open-set data (replab.platform.semisup: labeled splits, supports, unlabeled pools)
+    labels_per_class: int | None = None
+    """Labeled images per known class, drawn from ``split`` (PAWS / RoPAWS supports). None: no labeled split."""
+    label_fraction: float | None = None
+    """Instead of ``labels_per_class``: this fraction of every known class (0.01 = 1% of the labels)."""
+    known_classes: list[int] | None = None
+    """The labeled (in-distribution) class ids; supports are relabeled 0..C-1 in this order. None: all."""
+    split_seed: int = 0
+    """Seed of the labeled split (nested: the k-label split is inside the k'-label split for k < k')."""
+    split_file: str = ""
+    """JSON of the labeled row ids per class; read when it exists, written when not. Empty: a file under
+    $REPLAB_CACHE_DIR/splits (default ~/.cache/replab/splits) named after the split's settings."""
+    unlabeled_exclude_labeled: bool = False
+    """Leave the labeled images out of the unlabeled pool (open-set protocol: 'the rest' of the train split)."""
+    mix: list[dict] = field(default_factory=list)
+    """Unlabeled pool from several sources: [{dataset, split, classes (ids | known | unknown), count or
+    fraction}]; empty: the ``dataset``/``split`` itself. Training sees label -1; the origin is kept for eval."""
+    unlabeled_size: int | None = None
+    """Rows of the unlabeled pool when ``mix`` uses fractions / with ``ood_fraction`` (None: the largest that fits)."""
+    ood_dataset: str = ""
+    """Out-of-class source for ``ood_fraction`` (empty: the unknown classes of ``dataset``)."""
+    ood_split: str = "train"
+    ood_fraction: float | None = None
+    """Class-mismatch ratio: this share of the unlabeled pool is out-of-class, the rest known-class images."""
 
 
 @dataclass
@@ -151,6 +175,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out.pop("source_file")
         method = out.pop("method")
         out["method"] = {"name": method["name"], **method["params"]}
         return out

@@ -57,6 +57,27 @@ class Progress:
         return min(1.0, self.step / max(1, self.total_steps))
 
 
+@dataclass(frozen=True)
+class SupportSpec:
+    """A labeled support set drawn every step next to the unlabeled batch (PAWS / RoPAWS).
+
+    ``classes_per_step`` classes x ``images_per_class`` labeled images per step and per worker, sampled
+    with replacement, independently of the unlabeled epoch; each gets the ``views``.
+    """
+
+    classes_per_step: int
+    images_per_class: int
+    views: tuple[ViewSpec, ...]
+
+
+@dataclass
+class Support:
+    """One step's support batch: its views ``[S, 3, h, w]`` and labels ``[S]`` (0 .. C-1)."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+
+
 @dataclass
 class StepOutput:
     """The loss to minimise and detached scalars to log (names without a prefix, e.g. ``"accuracy"``)."""
@@ -97,6 +118,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     @torch.no_grad()
     def update_teacher(self) -> None:
         """Called after every optimizer step; EMA teachers, queues and centres update here."""
+
+    def support(self) -> SupportSpec | None:
+        """A labeled support set to receive as ``forward(..., support=Support)``; None for none."""
+        return None
 
     @property
     def encoder(self) -> nn.Module:

@@ -1,0 +1,174 @@
+"""The ``replab`` command line.
+
+    replab train CONFIG [--set section.key=value ...]   pre-train (resumes when re-run), evaluate, log to MLflow
+    replab eval RUN_OR_CHECKPOINT [--knn] [--linear]    evaluate a run's final encoder or a checkpoint folder
+    replab methods                                      the registered methods, one line each
+    replab data inspect SOURCE                          rows, classes, image sizes, unreadable files
+    replab data download NAME                           fetch and convert a named dataset (needs a network)
+    replab sweep CONFIG [--set ...] [--resume]          a grid (+ Optuna/ASHA per cell) of runs on Ray Tune
+    replab report SWEEP [--metric M]                    scaling-law fits, compute frontier, plots of a sweep
+
+A bad config or a missing dataset is one line on stderr and exit code 2, before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from replab.config import ConfigError, load_config
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replab", description="A representation-learning lab on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pre-train an encoder, evaluate it and log everything to MLflow")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: all defaults)")
+    _add_set(p)
+
+    p = sub.add_parser("eval", help="evaluate a run's encoder (MLflow run id or name) or a checkpoint folder")
+    p.add_argument("target", help="MLflow run id, replab run name, or checkpoint folder")
+    p.add_argument("--knn", action="store_true", help="kNN only (default: both)")
+    p.add_argument("--linear", action="store_true", help="linear probe only (default: both)")
+    p.add_argument("--config", help="config whose eval/data/tracking sections to use")
+    _add_set(p)
+
+    sub.add_parser("methods", help="list the registered methods")
+
+    p = sub.add_parser("data", help="inspect or download datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("inspect", help="rows, classes, image sizes and unreadable files of a source")
+    q.add_argument("source", help="named dataset, parquet file/folder, image folder or tar shards")
+    q.add_argument("--root", default="", help="data root for named datasets")
+    q.add_argument("--split", default="train")
+    q.add_argument("--sample", type=int, default=2000, help="images decoded to measure sizes")
+    q = data_sub.add_parser("download", help="download and convert a named dataset")
+    q.add_argument("name")
+    q.add_argument("--root", default="")
+
+    p = sub.add_parser("sweep", help="run (or resume) the grid / search of an experiment's sweep section")
+    p.add_argument("config", help="experiment YAML with a sweep section")
+    _add_set(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (re-running also does)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the grid, run nothing")
+    p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
+
+    p = sub.add_parser("report", help="scaling laws, compute frontier and plots of a sweep")
+    p.add_argument("sweep", help="parent run id, sweep name, or the sweep's YAML (with the same --set)")
+    _add_set(p)
+    p.add_argument("--metric", choices=["eval/knn_top1", "eval/linear_top1", "train/epoch_loss"],
+                   help="error = 1 - top1, or the loss (default: the sweep's sweep.metric)")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: sweep.bootstrap)")
+    p.add_argument("--out", default=None, help="output folder (default: <sweep dir>/report)")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from replab.platform.train import fit
+
+    cfg = load_config(args.config, args.overrides)
+    result = fit(cfg)
+    print()
+    print(f"run {result.run_name} finished")
+    for key in sorted(result.metrics):
+        if key.startswith(("eval/", "train/epoch_loss", "data/")):
+            print(f"  {key} = {result.metrics[key]:.4f}" if isinstance(result.metrics[key], float)
+                  else f"  {key} = {result.metrics[key]}")
+    if result.run_id:
+        from replab.platform.tracking import ui_hint
+
+        print(f"MLflow run id: {result.run_id}")
+        print(f"open the MLflow UI: {ui_hint(result.tracking_uri)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from replab.platform.evaluation_cli import evaluate_target
+
+    cfg = load_config(args.config, args.overrides)
+    knn, linear = (args.knn or not args.linear), (args.linear or not args.knn)
+    results = evaluate_target(args.target, cfg, knn=knn, linear=linear)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from replab.methods import registry
+
+    methods = registry.available()
+    width = max(len(n) for n in methods)
+    for name, cls in methods.items():
+        print(f"{name:<{width}}  {cls.summary}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from replab.platform import data
+
+    if args.data_command == "inspect":
+        report = data.inspect(args.source, root=args.root, split=args.split, sample=args.sample)
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    path = data.download(args.name, data.data_root(args.root))
+    print(f"{args.name} is ready at {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from replab.platform import sweep
+
+    if args.dry_run:
+        _raw, spec, cells = sweep.plan_sweep(args.config, args.overrides)
+        print(sweep.describe(spec, cells))
+        return 0
+    result = sweep.run_sweep(args.config, args.overrides, resume=args.resume, report=not args.no_report)
+    print(f"sweep {result.name}: {sum(t['status'] == 'FINISHED' for t in result.trials)} trials finished, "
+          f"{result.failed} failed, wall {result.wall_time_s:.0f} s; MLflow parent run id: {result.parent_run_id}")
+    return 130 if result.interrupted else (1 if result.failed else 0)
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from replab.platform import report, sweep
+    from replab.platform.tracking import resolve_tracking_uri
+
+    name, bootstrap = args.sweep, args.bootstrap
+    if Path(args.sweep).suffix in (".yaml", ".yml") and Path(args.sweep).is_file():
+        raw, spec, cells = sweep.plan_sweep(args.sweep, args.overrides)
+        name, uri = spec.name, cells[0].config.tracking.uri
+        bootstrap = spec.bootstrap if bootstrap is None else bootstrap
+    else:
+        uri = resolve_tracking_uri(load_config(None, args.overrides).tracking.uri)
+    report.build_report(uri, name, metric=args.metric, bootstrap=bootstrap, out_dir=args.out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "sweep": cmd_sweep,
+            "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from replab.platform.data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DataError) as exc:
+        print(f"replab: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("replab: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

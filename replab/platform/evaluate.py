@@ -1,0 +1,151 @@
+"""Evaluation of frozen encoders: weighted kNN and a linear probe on extracted features.
+
+- Features: the encoder on the whole image (resized to the training resolution, ImageNet-normalised), in
+  large batches, under bf16 autocast where training used it; float32 out.
+- kNN (Wu et al. 2018, as used by DINO and the lightly benchmark): cosine similarity s between L2-normalised
+  test and bank features, the k most similar bank images vote for their class with weight exp(s / T);
+  prediction = argmax of the summed votes. k = 200, T = 0.1 by default.
+- Linear probe: a linear classifier on standardised frozen features, trained with SGD + cosine schedule;
+  top-1 on the test features.
+Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replab.platform.augment import normalize, resize, to_float
+
+
+@dataclass
+class EvalData:
+    """Decoded evaluation images: a labeled bank (train split) and a test split, uint8 [N, R, R, 3]."""
+
+    bank_images: np.ndarray
+    bank_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+
+
+def autocast_context(device: torch.device, bf16: bool):
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    resolution: int,
+    device: torch.device,
+    batch_size: int = 512,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """``[N, D]`` float32 features of uint8 images ``[N, H, W, 3]`` (encoder in eval mode, restored after)."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = torch.as_tensor(images[start : start + batch_size]).to(device, non_blocking=True)
+            x = normalize(resize(to_float(chunk), resolution))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast_context(device, bf16):
+                feats = encoder(x)
+            out.append(feats.float())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def knn_predict(
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 200,
+    temperature: float = 0.1, chunk: int = 1024,
+) -> torch.Tensor:
+    """Class predictions of a temperature-weighted kNN vote (features are L2-normalised here)."""
+    bank = F.normalize(bank, dim=1)
+    queries = F.normalize(queries, dim=1)
+    k = min(k, bank.shape[0])
+    preds = []
+    for start in range(0, queries.shape[0], chunk):
+        sims = queries[start : start + chunk] @ bank.T
+        top_sims, top_idx = sims.topk(k, dim=1)
+        weights = (top_sims / temperature).exp()
+        votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)
+        preds.append(votes.argmax(dim=1))
+    return torch.cat(preds)
+
+
+def knn_top1(bank, bank_labels, queries, query_labels, num_classes, k=200, temperature=0.1) -> float:
+    preds = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
+    return (preds == query_labels).float().mean().item()
+
+
+def linear_probe_top1(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, test_labels: torch.Tensor,
+    num_classes: int, epochs: int = 30, lr: float = 0.1, batch_size: int = 256, seed: int = 0,
+) -> float:
+    """Top-1 of a linear classifier trained on standardised frozen features (SGD, momentum 0.9, cosine)."""
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = train_feats.mean(0, keepdim=True), train_feats.std(0, keepdim=True) + 1e-6
+    xs, xt = (train_feats - mean) / std, (test_feats - mean) / std
+    head = nn.Linear(xs.shape[1], num_classes).to(xs.device)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps_per_epoch = max(1, (len(xs) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(len(xs), generator=generator).to(xs.device)
+            for start in range(0, len(xs), batch_size):
+                idx = order[start : start + batch_size]
+                loss = F.cross_entropy(head(xs[idx]), train_labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    with torch.no_grad():
+        return (head(xt).argmax(1) == test_labels).float().mean().item()
+
+
+def evaluate_encoder(
+    encoder: nn.Module,
+    data: EvalData,
+    resolution: int,
+    device: torch.device,
+    knn: bool = True,
+    linear: bool = True,
+    k: int = 200,
+    temperature: float = 0.1,
+    linear_epochs: int = 30,
+    linear_lr: float = 0.1,
+    batch_size: int = 512,
+    bf16: bool = False,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """``eval/knn_top1`` and ``eval/linear_top1`` (fractions) of a frozen encoder."""
+    if not (knn or linear):
+        return {}
+    kw = dict(resolution=resolution, device=device, batch_size=batch_size, bf16=bf16, channels_last=channels_last)
+    bank = extract_features(encoder, data.bank_images, **kw)
+    test = extract_features(encoder, data.test_images, **kw)
+    bank_labels = torch.as_tensor(data.bank_labels, device=device).long()
+    test_labels = torch.as_tensor(data.test_labels, device=device).long()
+    results: dict[str, float] = {}
+    if knn:
+        results["eval/knn_top1"] = knn_top1(bank, bank_labels, test, test_labels, data.num_classes, k, temperature)
+    if linear:
+        results["eval/linear_top1"] = linear_probe_top1(
+            bank, bank_labels, test, test_labels, data.num_classes, epochs=linear_epochs, lr=linear_lr
+        )
+    return results

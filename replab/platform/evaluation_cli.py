@@ -1,0 +1,70 @@
+"""``replab eval``: evaluate the encoder of a finished (or running) run or of a checkpoint folder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from replab.config import ConfigError, RunConfig, from_dict
+from replab.platform import checkpoints, tracking
+from replab.platform.evaluate import evaluate_encoder
+from replab.platform.loop import CHECKPOINT_FILE, build_method, load_checkpoint, use_bf16
+
+
+def _checkpoint_for(target: str, cfg: RunConfig) -> tuple[str, str | None]:
+    """(local checkpoint folder, MLflow run id or None) for a folder, a run id or a run name."""
+    if Path(target, CHECKPOINT_FILE).is_file():
+        return target, None
+    as_run = checkpoints.latest_checkpoint(target)
+    if as_run:
+        return checkpoints.fetch(as_run), None
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    client = tracking.client(uri)
+    run = None
+    try:
+        run = client.get_run(target)
+    except Exception:
+        run = tracking.find_run(uri, cfg.tracking.experiment, target)
+    if run is None:
+        raise ConfigError(f"{target}: not a checkpoint folder, a run folder, an MLflow run id or a run name in {uri}")
+    storage = run.data.params.get("train.storage_path", "")
+    name = run.data.tags.get(tracking.RUN_TAG, "")
+    found = checkpoints.latest_checkpoint(f"{storage.rstrip('/')}/{name}") if storage and name else None
+    if not found:
+        raise ConfigError(f"{target}: run {run.info.run_id} has no checkpoint under {storage}/{name}")
+    return checkpoints.fetch(found), run.info.run_id
+
+
+def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool = True) -> dict[str, Any]:
+    """kNN / linear-probe accuracy of the encoder in ``target``; logged to its run when there is one."""
+    from replab.platform.train import load_eval_data, resolve_paths
+
+    folder, run_id = _checkpoint_for(target, cfg)
+    state = load_checkpoint(folder)
+    run_cfg = from_dict(state["config"])
+    # The run's model, method and resolution; the eval section and data root come from the command line.
+    run_cfg = replace(run_cfg, eval=cfg.eval, tracking=cfg.tracking,
+                      data=replace(run_cfg.data, root=cfg.data.root or run_cfg.data.root))
+    run_cfg = resolve_paths(run_cfg)
+    method = build_method(run_cfg)
+    method.load_state_dict(state["method"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method.to(device)
+    eval_data = load_eval_data(run_cfg)
+    if eval_data is None:
+        raise ConfigError(f"eval.dataset: {run_cfg.eval.dataset or run_cfg.data.dataset} has no labels to evaluate with")
+    c = run_cfg.eval
+    results = evaluate_encoder(
+        method.encoder, eval_data, run_cfg.data.resolution, device, knn=knn, linear=linear, k=c.knn_k,
+        temperature=c.knn_temperature, linear_epochs=c.linear_epochs, linear_lr=c.linear_lr,
+        batch_size=c.batch_size, bf16=use_bf16(run_cfg.train.precision, device),
+    )
+    results = {**results, "epoch": int(state["epoch"]), "checkpoint": folder}
+    if run_id and cfg.tracking.enabled:
+        logger = tracking.RunLogger(tracking.resolve_tracking_uri(cfg.tracking.uri), run_id)
+        logger.metrics({f"{k.replace('eval/', 'eval_cli/')}": v for k, v in results.items() if k.startswith("eval/")},
+                       step=int(state["step"]))
+    return results

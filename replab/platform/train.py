@@ -1,0 +1,242 @@
+"""``replab train``: one run on Ray Train, tracked in MLflow, resumable by re-running the same command.
+
+The driver validates and resolves the config (absolute data root, storage path and tracking URI, since Ray
+workers run in session folders), opens or re-opens the MLflow run, builds the Ray Data pipeline and runs a
+``TorchTrainer`` over :func:`replab.platform.loop.train_worker`. Rank 0 logs metrics to the run by id.
+Checkpoints go to ``<train.storage_path>/<run name>``; the run name is derived from the config, so the same
+command finds the same folder and Ray Train resumes from the last checkpoint there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from replab.config import RunConfig, from_dict
+from replab.platform import data as data_lib
+from replab.platform import tracking
+from replab.platform.evaluate import EvalData
+from replab.platform.loop import WorkerEnv, load_checkpoint, train_worker
+
+
+@dataclass
+class FitResult:
+    run_name: str
+    run_id: str | None
+    tracking_uri: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make every local path absolute (Ray workers do not share the driver's working directory)."""
+    data = replace(cfg.data, root=data_lib.data_root(cfg.data.root))
+    if not is_uri(cfg.data.dataset) and Path(cfg.data.dataset).exists():
+        data = replace(data, dataset=str(Path(cfg.data.dataset).resolve()))
+    storage = cfg.train.storage_path
+    if not is_uri(storage):
+        storage = str(Path(storage).expanduser().resolve())
+    tracking_cfg = replace(cfg.tracking, uri=tracking.resolve_tracking_uri(cfg.tracking.uri))
+    return replace(cfg, data=data, train=replace(cfg.train, storage_path=storage), tracking=tracking_cfg)
+
+
+def run_name(cfg: RunConfig) -> str:
+    """``train.name`` or ``<method>-<backbone>-<dataset>-<hash of what defines the run>``."""
+    if cfg.train.name:
+        return cfg.train.name
+    d = cfg.to_dict()
+    defining = {
+        "data": {k: v for k, v in d["data"].items() if k not in ("root",)},
+        "model": d["model"],
+        "method": d["method"],
+        "train": {k: v for k, v in d["train"].items() if k not in ("storage_path", "name", "max_failures", "log_every")},
+    }
+    digest = hashlib.sha1(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    dataset = Path(cfg.data.dataset.rstrip("/")).name or "data"
+    return f"{cfg.method.name}-{cfg.model.backbone}-{dataset}-{digest}"
+
+
+def load_eval_data(cfg: RunConfig) -> EvalData | None:
+    """The kNN bank (train split) and test split of ``eval.dataset`` (default: the training dataset)."""
+    dataset = cfg.eval.dataset or cfg.data.dataset
+    info = data_lib.dataset_info(dataset, cfg.data.root)
+    if not info.num_classes:
+        return None
+    test_split = cfg.eval.test_split or data_lib.default_test_split(dataset, cfg.data.root)
+    common = dict(root=cfg.data.root, resolution=cfg.data.resolution, seed=cfg.data.seed,
+                  image_column=cfg.data.image_column, label_column=cfg.data.label_column)
+    bank_images, bank_labels = data_lib.load_arrays(dataset, split=cfg.eval.train_split, limit=cfg.eval.bank_limit, **common)
+    test_images, test_labels = data_lib.load_arrays(dataset, split=test_split, limit=cfg.eval.test_limit, **common)
+    return EvalData(bank_images, bank_labels, test_images, test_labels, info.num_classes)
+
+
+class RayEnv(WorkerEnv):
+    """The loop's runtime inside a Ray Train worker."""
+
+    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.shard = ray.train.get_dataset_shard("train")
+        self.shuffle_buffer = shuffle_buffer
+        self.skip_counter = skip_counter
+
+    def batches(self, epoch, batch_size):
+        yield from self.shard.iter_torch_batches(
+            # Ray 2.60 yields short batches mid-epoch when the buffer is under two batches: keep it above.
+            batch_size=batch_size, drop_last=True,
+            local_shuffle_buffer_size=max(self.shuffle_buffer, 2 * batch_size) if self.shuffle_buffer else None,
+            prefetch_batches=2, pin_memory=self.device.type == "cuda",
+        )
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        return checkpoint.to_directory(tempfile.mkdtemp(prefix="replab-restore-"))
+
+    def skipped(self):
+        return data_lib.skipped_count(self.skip_counter) if self.skip_counter else 0
+
+
+def _ray_train_fn(loop_config: dict[str, Any]) -> None:
+    """The function each Ray Train worker runs."""
+    cfg = from_dict(loop_config["config"])
+    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"))
+    logger = None
+    if env.rank == 0 and loop_config.get("run_id"):
+        logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+    train_worker(cfg, env, loop_config["num_rows"], eval_data_fn=lambda: load_eval_data(cfg), logger=logger)
+
+
+def ensure_ray(train_cpus: float = 0.0) -> None:
+    """Join the cluster of a ``ray job submit`` (or $RAY_ADDRESS), else start a quiet local instance.
+
+    A local instance gets the machine's cores *plus* the train workers' CPU requests as logical CPUs, so
+    Ray Data's decode tasks always have CPUs to run on (with only the cores, two train workers on a 2-core
+    laptop would hold every CPU and the input pipeline would never be scheduled).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = int((os.cpu_count() or 1) + max(1, round(train_cpus)))
+    ray.init(**kwargs)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def check_tracking_reachable(uri: str) -> None:
+    """A SQLite store lives on one machine: refuse it when workers may run on other nodes."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1 and tracking.is_local_store(uri):
+        raise ValueError(
+            f"tracking.uri: {uri} is a local store but the Ray cluster has {len(alive)} nodes; "
+            "start an MLflow server (see README, 'Run on a cluster') and set tracking.uri=http://<head>:5000"
+        )
+
+
+def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> FitResult:
+    """Run (or resume) one training run; returns its final metrics and MLflow run id."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = resolve_paths(cfg)
+    data_lib.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
+    name = run_name(cfg)
+    ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
+    uri = cfg.tracking.uri
+    run_id = None
+    if cfg.tracking.enabled:
+        check_tracking_reachable(uri)
+        tags = {"method": cfg.method.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
+                **(extra_tags or {})}
+        run_id, resumed = tracking.open_run(uri, cfg.tracking.experiment, name, cfg.flat(), tags, parent_run_id)
+        logger = tracking.RunLogger(uri, run_id)
+        if not resumed:
+            logger.dict(cfg.to_dict(), "config.yaml")
+            if cfg.source_file:
+                logger.artifact(cfg.source_file, "config")
+
+    train_data = data_lib.build_train_dataset(cfg.data)
+    loop_config = {
+        "config": cfg.to_dict(),
+        "num_rows": train_data.num_rows,
+        "shuffle_buffer": train_data.shuffle_buffer,
+        "skip_counter": train_data.counter_name,
+        "run_id": run_id,
+        "tracking_uri": uri,
+    }
+    trainer = TorchTrainer(
+        _ray_train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=cfg.train.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": train_data.dataset},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        if run_id:
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            tracking.RunLogger(uri, run_id).finish(status)
+        raise
+    metrics = dict(result.metrics or {})
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    if run_id:
+        _log_outputs(tracking.RunLogger(uri, run_id), result, metrics)
+        tracking.RunLogger(uri, run_id).finish("FINISHED")
+    return FitResult(name, run_id, uri, metrics, checkpoint_path)
+
+
+def _log_outputs(logger: tracking.RunLogger, result: Any, metrics: dict[str, Any]) -> None:
+    """The final encoder (safetensors) and an eval summary as run artifacts."""
+    from safetensors.torch import save_file
+
+    summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "train/epoch", "data/")) or k == "epoch"}
+    logger.dict(summary, "eval_summary.json")
+    if result.checkpoint is None:
+        return
+    with result.checkpoint.as_directory() as folder:
+        state = load_checkpoint(folder)
+    encoder = {k[len("backbone."):]: v.contiguous() for k, v in state["method"].items() if k.startswith("backbone.")}
+    out = Path(tempfile.mkdtemp(prefix="replab-encoder-")) / "encoder.safetensors"
+    save_file(encoder, str(out), metadata={"backbone": json.dumps(state["config"]["model"])})
+    logger.artifact(out, "model")
