@@ -7,6 +7,7 @@
     replab data download NAME                           fetch and convert a named dataset (needs a network)
     replab sweep CONFIG [--set ...] [--resume]          a grid (+ Optuna/ASHA per cell) of runs on Ray Tune
     replab report SWEEP [--metric M]                    scaling-law fits, compute frontier, plots of a sweep
+    replab bench [--quick] [--out F] [--only S,...]     throughput of data, augmentation, step, Ray, GPU
 
 A bad config or a missing dataset is one line on stderr and exit code 2, before any Ray work starts.
 """
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="error = 1 - top1, or the loss (default: the sweep's sweep.metric)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (default: sweep.bootstrap)")
     p.add_argument("--out", default=None, help="output folder (default: <sweep dir>/report)")
+    p = sub.add_parser("bench", help="throughput of data, augmentation, training step (, Ray, GPU) side by side")
+    p.add_argument("--quick", action="store_true", help="small sizes, no Ray (a CI smoke run, < 1 min)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--only", default="", help="comma list of data,augment,step,peer,gpu,ray (default: all)")
+    p.add_argument("--root", default="", help="data root (default: $REPLAB_DATA_ROOT)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 3, quick 1)")
     return parser
 
 
@@ -152,8 +159,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from replab.platform import bench
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()] or None
+    result = bench.run_bench(quick=args.quick, only=only, out=args.out, root=args.root, repeats=args.repeats)
+    print(bench.table(result))
+    if args.out:
+        print(f"results written to {args.out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "sweep": cmd_sweep,
-            "report": cmd_report}
+            "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,3 +91,23 @@ def test_killed_run_resumes_from_its_checkpoint(data_root, tmp_path):
     from replab.platform.loop import load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(str(storage / "resume-me")))["epoch"] == 3
+
+
+def test_two_worker_queue_method_under_ray(ray_session, data_root, tmp_path):
+    """MoCo v2 (momentum encoder + a queue of keys gathered over workers, shuffle-BN) on 2 Ray workers."""
+    from replab.platform.checkpoints import latest_checkpoint
+    from replab.platform.loop import load_checkpoint
+    from replab.platform.train import fit
+
+    cfg = load_config(None, TINY + [
+        f"data.root={data_root}", "method.name=mocov2", "method.queue_size=384", "train.epochs=2",
+        "train.num_workers=2", f"train.storage_path={tmp_path / 'runs'}", "tracking.enabled=false",
+        "eval.before_training=false", "eval.linear=false",
+    ])
+    result = fit(cfg)
+    assert result.metrics["epoch"] == 2
+    state = load_checkpoint(latest_checkpoint(str(tmp_path / "runs" / result.run_name)))
+    assert state["method"]["queue"].shape[0] == 384
+    # 2 epochs x 4 steps x 64 keys gathered from both workers = 512 enqueued: the pointer wrapped to 128
+    # (it would stand at 256 had each worker enqueued only its own 32 keys per step).
+    assert int(state["method"]["queue_ptr"]) == 512 % 384

@@ -33,8 +33,9 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every worker along dim 0 (no gradient)."""
     if world_size() == 1:
         return x
+    x = x.contiguous()
     out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
+    dist.all_gather(out, x)
     return torch.cat(out, dim=0)
 
 

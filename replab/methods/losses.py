@@ -481,8 +481,16 @@ def paws(
         loss    = CE + me-max
 
     The me-max term here is the reference's -H(p_bar) shifted by log K (>= 0, 0 when the classes are used
-    uniformly); RoPAWS's propagation runs per global view over the M = n x workers gathered targets.
+    uniformly); RoPAWS's propagation runs per global view over the M = n x workers gathered targets. The
+    loss is computed in float32 with autocast off (bf16 cosines / tau and the linear solve are too coarse).
     """
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        return _paws_fp32(anchors, anchor_supports, target_views, target_supports, support_labels, tau,
+                          sharpen_temperature, label_smoothing, me_max, ropaws, prior_tau, prior_pow, label_ratio)
+
+
+def _paws_fp32(anchors, anchor_supports, target_views, target_supports, support_labels, tau, sharpen_temperature,
+               label_smoothing, me_max, ropaws, prior_tau, prior_pow, label_ratio):
     n = target_views[0].shape[0]
     n_anchor = anchors.shape[0]
     if n_anchor % n or n_anchor // n < 2:
@@ -492,7 +500,7 @@ def paws(
     labels_all = gather(support_labels)
     y = support_label_matrix(labels_all, label_smoothing)
     k = y.shape[1]
-    probs = snn(anchors, sup_a, y, tau)  # [V n, K]
+    probs = snn(anchors.float(), sup_a, y, tau)  # [V n, K]
     metrics: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         sup_t = gather(target_supports.detach().float())

@@ -116,6 +116,17 @@ def collect_points(trials: list[dict[str, Any]], metric: str, axes: list[str]) -
     return points, notes
 
 
+def _label_key(labels: tuple) -> tuple:
+    """Sort group keys numerically where labels are numbers (64 before 128)."""
+    out = []
+    for label in labels:
+        try:
+            out.append((0, float(label), ""))
+        except (TypeError, ValueError):
+            out.append((1, 0.0, str(label)))
+    return tuple(out)
+
+
 def _group_name(labels: dict[str, str], axes: list[str]) -> str:
     return ", ".join(f"{a}={labels[a]}" for a in axes) or "all"
 
@@ -131,7 +142,7 @@ def axis_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int = 
         for p in points:
             groups[tuple(p.labels[a] for a in others)].append(p)
         fits = []
-        for key, pts in sorted(groups.items()):
+        for key, pts in sorted(groups.items(), key=lambda kv: _label_key(kv[0])):
             xs = np.array([p.values[axis] for p in pts])
             ys = np.array([p.error for p in pts])
             ok = np.isfinite(xs) & (xs > 0) & np.isfinite(ys)
@@ -163,7 +174,7 @@ def joint_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int =
     for p in points:
         groups[tuple(p.labels[a] for a in others)].append(p)
     out = []
-    for key, pts in sorted(groups.items()):
+    for key, pts in sorted(groups.items(), key=lambda kv: _label_key(kv[0])):
         n = np.array([p.values["model_size"] for p in pts])
         d = np.array([p.values["data_size"] for p in pts])
         y = np.array([p.error for p in pts])

@@ -9,6 +9,7 @@ Labeled splits (:func:`labeled_split`)
     ``~/.cache/replab``) holding the row ids per class; an existing file is read, not recomputed, so a run
     is reproducible from its split file (log it as an artifact) and hand-made splits can be used. Row ids are
     the data layer's global ids (files in sorted order, rows in file order), the same ids as ``data.limit``.
+    The split is drawn from the whole split, whatever ``data.limit`` (which only shrinks the unlabeled pool).
 
 Supports (:func:`support_sampler`, called by the training loop for methods whose ``support()`` returns a
 :class:`~replab.methods.base.SupportSpec`)
@@ -19,6 +20,7 @@ Supports (:func:`support_sampler`, called by the training loop for methods whose
     pass: PAWS's ``ClassStratifiedSampler``), so with k < M labels an image recurs within a step. The
     ``classes_per_step`` of the spec is all known classes when 0 or >= C, else a fresh random subset per
     step. Streams are seeded by ``(train.seed, data.split_seed, rank)``: workers draw different images.
+    The streams are not checkpointed: a resumed run starts them afresh (same distribution, other draws).
 
 Unlabeled pools (:func:`pool_manifest`, :func:`build_unlabeled_dataset`, :func:`load_unlabeled_arrays`)
     Without ``data.mix`` / ``data.ood_fraction`` the pool is ``data.dataset``/``data.split`` (after

@@ -683,6 +683,9 @@ def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
     from replab.platform.train import _log_outputs, _ray_train_fn
 
     start = time.time()
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # this trial drives its own Ray Data pipeline
     cell = plan["cells"][config["cell"]]
     searched = {k: v for k, v in config.items() if k != "cell"}
     name = trial_name(config["cell"], searched)
@@ -753,6 +756,9 @@ def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
         fit_wall = time.time() - fit_start
         phases["fit_s"], mark = fit_wall, time.time()
         metrics = dict(result.metrics or {})
+        if "step" not in metrics:  # every epoch was done before (the run finished, its trial's bookkeeping did not)
+            logged = retry(tracking.client(uri).get_run, run_id).data.metrics
+            metrics = {**{k: v for k, v in logged.items() if not k.startswith("compute/")}, **metrics}
         epoch_times = retry(tracking.client(uri).get_metric_history, run_id, "train/epoch_time_s")
         steps = int(metrics.get("step", 0))
         summary = {
@@ -794,45 +800,63 @@ def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
 
 
 def _status_callback(uri: str, plan: dict[str, Any]):
-    """A Tune callback on the driver that settles each child run's status when Tune settles its trial."""
+    """A Tune callback on the driver that settles each child run's status when Tune settles its trial.
+
+    A trial that finishes its run marks its child FINISHED itself; one that Tune stopped early (ASHA) was killed
+    mid-run, so its child is still RUNNING here: it is tagged ``replab.early_stopped``, given the compute of the
+    steps it ran, and marked FINISHED. An errored trial's child is marked FAILED. Never raises (an exception in a
+    Tune callback would turn the trial into an error).
+    """
+    import logging
+
     from ray.tune import Callback
 
     from replab.platform import tracking
 
-    class StatusCallback(Callback):
-        def _run(self, trial):
-            cfg = trial.config or {}
-            searched = {k: v for k, v in cfg.items() if k != "cell"}
-            label = f"{plan['name']}.{trial_name(cfg.get('cell', ''), searched)}"
-            try:
-                return retry(tracking.find_run, uri, plan["experiment"], label)
-            except Exception:  # noqa: BLE001
-                return None
+    log = logging.getLogger(__name__)
 
+    def name_of(trial) -> str:
+        cfg = trial.config or {}
+        return trial_name(str(cfg.get("cell", "")), {k: v for k, v in cfg.items() if k != "cell"})
+
+    def child(trial):
+        return retry(tracking.find_run, uri, plan["experiment"], f"{plan['name']}.{name_of(trial)}")
+
+    def early_stopped(trial) -> None:
+        run = child(trial)
+        if run is None or run.info.status != "RUNNING":
+            return
+        c = tracking.client(uri)
+        last = trial.last_result or {}
+        retry(c.set_tag, run.info.run_id, "replab.early_stopped", "true")
+        compute_file = Path(plan["dir"]) / "trials" / name_of(trial) / "compute.json"
+        if compute_file.exists() and "step" in last:
+            compute = json.loads(compute_file.read_text())
+            steps = int(last["step"])
+            retry(tracking.RunLogger(uri, run.info.run_id).metrics, {
+                "compute/params": compute["params"], "compute/params_total": compute["params_total"],
+                "compute/flops_per_step": compute["flops_per_step"],
+                "compute/train_flops": compute["flops_per_step"] * steps, "compute/steps": steps,
+                "compute/images_seen": steps * compute.get("batch_size", 0)}, step=steps)
+        retry(c.set_terminated, run.info.run_id, status="FINISHED")
+
+    def errored(trial) -> None:
+        run = child(trial)
+        if run is not None and run.info.status == "RUNNING":
+            retry(tracking.client(uri).set_terminated, run.info.run_id, status="FAILED")
+
+    class StatusCallback(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            run = self._run(trial)
-            if run is None or run.info.status != "RUNNING":
-                return
-            # Still running after Tune completed it: stopped early (ASHA) before the trial could finish its run.
-            c = tracking.client(uri)
-            last = trial.last_result or {}
-            retry(c.set_tag, run.info.run_id, "replab.early_stopped", "true")
-            compute_file = Path(plan["dir"]) / "trials" / label.split(".", 1)[1] / "compute.json"
-            if compute_file.exists() and "step" in last:
-                compute = json.loads(compute_file.read_text())
-                steps = int(last["step"])
-                batch = compute.get("batch_size", 0)
-                retry(tracking.RunLogger(uri, run.info.run_id).metrics, {
-                    "compute/params": compute["params"], "compute/params_total": compute["params_total"],
-                    "compute/flops_per_step": compute["flops_per_step"],
-                    "compute/train_flops": compute["flops_per_step"] * steps, "compute/steps": steps,
-                    "compute/images_seen": steps * batch}, step=steps)
-            retry(c.set_terminated, run.info.run_id, status="FINISHED")
+            try:
+                early_stopped(trial)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not settle the MLflow run of %s: %s", name_of(trial), exc)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            run = self._run(trial)
-            if run is not None and run.info.status == "RUNNING":
-                retry(tracking.client(uri).set_terminated, run.info.run_id, status="FAILED")
+            try:
+                errored(trial)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not mark the MLflow run of %s failed: %s", name_of(trial), exc)
 
     return StatusCallback()
 
@@ -973,9 +997,10 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
                 if spec.scheduler is not None:
                     from ray.tune.schedulers import ASHAScheduler
 
+                    # stop_last_trials=False: a trial at its last epoch finishes its run (and its bookkeeping)
                     scheduler = ASHAScheduler(
                         time_attr="epoch", metric=metric, mode=mode, grace_period=spec.scheduler.grace_period,
-                        reduction_factor=spec.scheduler.reduction_factor,
+                        reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False,
                         max_t=spec.scheduler.max_t or job[6].config.train.epochs)
                 tuner = tune.Tuner(
                     trainable,
