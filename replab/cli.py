@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default="", help="comma list of data,augment,step,peer,gpu,ray (default: all)")
     p.add_argument("--root", default="", help="data root (default: $REPLAB_DATA_ROOT)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; quick: 1)")
     return parser
 
 
@@ -163,7 +164,8 @@ def cmd_bench(args) -> int:
     from replab.platform import bench
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
-    result = bench.run_bench(quick=args.quick, only=only, out=args.out, root=args.root, repeats=args.repeats)
+    result = bench.run_bench(quick=args.quick, only=only, out=args.out, root=args.root, repeats=args.repeats,
+                             threads=args.threads)
     print(bench.table(result))
     if args.out:
         print(f"results written to {args.out}")

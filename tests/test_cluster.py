@@ -178,6 +178,10 @@ def cluster():
     """
     import psutil
 
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (the dashboard, hence the Jobs API)
+    except ImportError as exc:
+        pytest.fail(f"the Ray dashboard needs ray[default] (pip install 'ray[default]'): {exc}")
     temp_dir = tempfile.mkdtemp(prefix="raycl", dir="/tmp")  # short: Unix socket paths live under it
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env.update(RAY_AUTH_MODE="token", RAY_TRAIN_V2_ENABLED="1", RAY_USAGE_STATS_ENABLED="0")

@@ -132,14 +132,24 @@ def fake_sweep(uri: str, law: dict, widths, sizes, name="fake-sweep"):
     return pid
 
 
-def test_report_fits_the_sweep_and_writes_plots_json_and_markdown(tmp_path, capsys):
+LAW = dict(a=3.0, alpha=0.25, b=6.0, beta=0.35, c=0.12)
+
+
+@pytest.fixture(scope="module")
+def fake_store(tmp_path_factory):
+    """One MLflow store (creating a SQLite store takes seconds) holding a fake 4x4 sweep."""
+    tmp = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return uri, fake_sweep(uri, LAW, widths=[0.25, 0.5, 1.0, 2.0], sizes=[500, 1000, 2000, 4000])
+
+
+def test_report_fits_the_sweep_and_writes_plots_json_and_markdown(fake_store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
     from replab.platform import report
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    law = dict(a=3.0, alpha=0.25, b=6.0, beta=0.35, c=0.12)
-    pid = fake_sweep(uri, law, widths=[0.25, 0.5, 1.0, 2.0], sizes=[500, 1000, 2000, 4000])
+    uri, pid = fake_store
+    law = LAW
     out = tmp_path / "report"
     summary = report.build_report(uri, "fake-sweep", bootstrap=30, out_dir=out)
 
@@ -176,13 +186,13 @@ def test_report_fits_the_sweep_and_writes_plots_json_and_markdown(tmp_path, caps
 
     # by run id too, and with another error metric that the runs lack: every trial is left out, nothing fitted
     again = report.build_report(uri, pid, metric="eval/linear_top1", bootstrap=0, out_dir=tmp_path / "r2", log=False)
-    assert again["points"] == [] and again["axis_fits"] == {"model_size": [], "data_size": []}
+    assert again["points"] == [] and again["axis_fits"] == {} and again["joint_fits"] == []
     assert sum("no eval/linear_top1" in n for n in again["notes"]) == 16
 
 
-def test_report_names_a_missing_sweep(tmp_path):
+def test_report_names_a_missing_sweep(fake_store):
     from replab.config import ConfigError
     from replab.platform import report
 
     with pytest.raises(ConfigError, match="no sweep 'nope'"):
-        report.build_report(f"sqlite:///{tmp_path / 'mlflow.db'}", "nope", log=False)
+        report.build_report(fake_store[0], "nope", log=False)

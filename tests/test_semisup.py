@@ -40,7 +40,8 @@ def test_snn_and_sharpen_match_direct_formulas():
     direct = p ** 4 / (p ** 4).sum(1, keepdim=True)
     assert torch.allclose(losses.sharpen(p, 0.25), direct, atol=1e-6)
     # remapping: labels need not be 0..K-1
-    assert torch.equal(losses.support_label_matrix(torch.tensor([7, 2, 7])), torch.tensor([[0., 1.], [1., 0.], [0., 1.]]))
+    remapped = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert torch.equal(losses.support_label_matrix(torch.tensor([7, 2, 7])), remapped)
 
 
 def _kernel_blocks(q, s, tau, prior_tau, label_ratio):
@@ -282,11 +283,13 @@ def test_mismatch_pool_and_mixing(data_root, tmp_path, monkeypatch):
     # nested across ratios: the known rows at 50% are inside those at 25% (same pool size)
     half = semisup.pool_manifest(load_config(None, base + ["data.ood_fraction=0.5", "data.unlabeled_size=200"]).data)
     assert set(half[0].rows) <= set(sources[0].rows)
-    mix = load_config(None, base + ["data.mix=[{classes: known, count: 30}, {dataset: tinyimagenet, split: val, count: 20}]"])
+    mix = load_config(None, base + ["data.mix=[{classes: known, count: 30}, "
+                                    "{dataset: tinyimagenet, split: val, count: 20}]"])
     pool = semisup.load_unlabeled_arrays(mix.data)
     assert pool.images.shape[0] == 50 and pool.in_class.sum() == 30 and (pool.labels == -1).all()
     with pytest.raises(ConfigError, match="sum to 1"):
-        semisup.validate(load_config(None, base + ["data.mix=[{fraction: 0.5}, {classes: unknown, fraction: 0.4}]"]).data)
+        bad = load_config(None, base + ["data.mix=[{fraction: 0.5}, {classes: unknown, fraction: 0.4}]"])
+        semisup.validate(bad.data)
     with pytest.raises(ConfigError, match=r"data.mix\[0\].fractoin"):
         semisup.validate(load_config(None, base + ["data.mix=[{fractoin: 1.0}]"]).data)
 
@@ -361,8 +364,8 @@ def test_paws_never_reads_the_unlabeled_labels():
     method = build_method(load_config(None, TINY + ["method.name=paws"]))
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
     views = make_views(images, method.views())
-    support = Support(make_views(torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8), list(method.support().views)),
-                      torch.arange(6).repeat_interleave(2))
+    support_images = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
+    support = Support(make_views(support_images, list(method.support().views)), torch.arange(6).repeat_interleave(2))
     spec = method.support()
     assert spec.images_per_class == 2 and len(spec.views) == 2 and len(method.views()) == 4
     a = method(views, None, support=support).loss

@@ -197,6 +197,35 @@ def test_scaling_experiments_and_their_tiny_variants_validate(name, data_root):
         data_lib.resolve_config(cell.config.data)  # the dataset is there
 
 
+def test_search_space_and_optuna_searcher_per_cell():
+    from ray import tune
+
+    from replab.platform.sweep import _searcher, _space
+
+    raw = raw_config({"axes": {"data_size": [100]}, "search": {"num_samples": 2, "space": {
+        "train.lr": {"type": "loguniform", "low": 0.01, "high": 1.0},
+        "method.temperature": {"type": "choice", "values": [0.2, 0.5]},
+        "train.warmup_epochs": {"type": "randint", "low": 0, "high": 2}}}})
+    spec = sweep.parse_spec(raw)
+    assert (spec.search.metric, spec.search.mode, spec.search.num_samples) == ("eval/knn_top1", "max", 2)
+    space = {"cell": "c000", **{k: _space(d) for k, d in spec.search.space.items()}}
+    assert isinstance(space["train.lr"], tune.search.sample.Float)
+    searcher = _searcher(spec, seed=0)
+    searcher.set_search_properties("eval/knn_top1", "max", space)
+    suggested = [searcher.suggest(f"t{i}") for i in range(2)]
+    for s in suggested:  # (Tune merges the constant cell id into each trial's config)
+        assert 0.01 <= s["train.lr"] <= 1.0 and s["method.temperature"] in (0.2, 0.5)
+        assert s["train.warmup_epochs"] in (0, 1, 2)
+    assert sweep.trial_name("c000", {k: v for k, v in suggested[0].items() if k != "cell"}).startswith("c000-s")
+    # epochs without the metric (evaluation only at the end) are ignored, not a KeyError
+    searcher.on_trial_result("t0", {"epoch": 1, "training_iteration": 1})
+    searcher.on_trial_result("t0", {"epoch": 2, "training_iteration": 2, "eval/knn_top1": 0.3})
+    searcher.on_trial_complete("t0", {"eval/knn_top1": 0.3})
+    # every searched value is valid for every cell: checked up front
+    cells = expand(raw)
+    assert len(cells) == 1
+
+
 # ------------------------------------------------------------------------------------------ compute
 
 

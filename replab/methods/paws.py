@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput, Support, SupportSpec
@@ -74,7 +73,7 @@ def paws_views(p: PAWSParams, resolution: int) -> tuple[ViewSpec, ViewSpec]:
 @registry.register
 class PAWS(Method):
     name = "paws"
-    summary = "semi-supervised: soft nearest neighbours over labeled supports, sharpened cross-view targets (Assran et al. 2021)"
+    summary = "semi-supervised: soft nearest neighbours over labeled supports, cross-view targets (Assran et al. 2021)"
     Params = PAWSParams
     optimizer = OptimizerDefaults(name="lars", lr=3.2, weight_decay=1e-5)
     ropaws = False

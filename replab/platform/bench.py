@@ -29,12 +29,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import io
 import json
 import os
 import platform
 import resource
-import shutil
 import statistics
 import tempfile
 import threading
@@ -177,7 +175,7 @@ def bench_data(root: str, quick: bool, use_ray: bool, repeats: int) -> dict[str,
     from replab.platform.data import load_arrays
     from replab.platform.decode import decode_batch
 
-    sets = {"cifar10": (32, 512 if quick else 4096), "imagenette128": (128, 128 if quick else 1024)}
+    sets = {"cifar10": (32, 256 if quick else 2048), "imagenette128": (128, 64 if quick else 512)}
     result: dict[str, Any] = {"cores": cores(), "note": "single-threaded rates are per core"}
     with tempfile.TemporaryDirectory(prefix="replab-bench-") as tmp:
         for name, (res, n) in sets.items():
@@ -299,7 +297,7 @@ def bench_augment(root: str, quick: bool, device: torch.device, repeats: int) ->
             "imagenette128", 128,
             [dino_views(128, 0)[0], dino_views(128, 0)[1]]
             + [dataclasses.replace(dino_views(128, 1)[2], size=48)] * 6,
-            64 if quick else 512, 64),
+            32 if quick else 256, 32 if quick else 64),
     }
     result: dict[str, Any] = {"device": str(device), "dataloader_workers": workers,
                               "note": "images/s = source images per second (all of their views)"}
@@ -345,7 +343,7 @@ def bench_augment(root: str, quick: bool, device: torch.device, repeats: int) ->
 def step_overrides(quick: bool, batch: int | None = None, steps: int | None = None) -> list[str]:
     """SimCLR ResNet-18 CIFAR stem at 32 px; --quick shrinks the width and batch so it fits a CI budget."""
     batch = batch or (32 if quick else 256)
-    steps = steps or (2 if quick else 6)
+    steps = steps or (2 if quick else 3)
     ov = ["method.name=simclr", "model.backbone=resnet18", "model.cifar_stem=on", "data.dataset=cifar10",
           "data.resolution=32", f"train.batch_size={batch}", "train.epochs=2", f"train.steps_per_epoch={steps}",
           "train.warmup_epochs=0", "train.log_every=1000000", "train.checkpoint_every=0", "eval.knn=false",
@@ -420,7 +418,7 @@ def bench_step(root: str, quick: bool, use_ray: bool, device: torch.device, repe
         out["ratio_ray_over_direct"] = ratio(rates["ray_train"]["median"], rates["direct"]["median"])
         out["peak_memory_kind_ray"] = "sum of RSS of RayTrainWorker processes (peak, psutil)"
     else:
-        out["ray_train"] = "skipped (--quick or 'ray' not in --only)"
+        out["ray_train"] = "skipped (--quick without --only ...,ray, or 'ray' not in --only)"
     return out
 
 
@@ -448,12 +446,11 @@ def lightly_baseline(size: int) -> tuple[Callable, Callable[[torch.Tensor, torch
 def bench_peer(root: str, quick: bool, device: torch.device, repeats: int) -> dict[str, Any]:
     """replab's loop vs lightly's SimCLR example pipeline on the same model, batch and images."""
     from replab.config import load_config
-    from replab.platform import optim
     from replab.platform.data import load_arrays
     from replab.platform.loop import build_method, optimizer_settings
 
     batch = 64 if quick else 256
-    steps = 2 if quick else 5
+    steps = 2
     ov = step_overrides(quick, batch=batch, steps=steps)
     n = batch * steps
     images, labels = load_arrays("cifar10", root, "train", 32, limit=n, seed=0)
@@ -464,7 +461,7 @@ def bench_peer(root: str, quick: bool, device: torch.device, repeats: int) -> di
     def lightly_style():
         torch.manual_seed(0)
         method = build_method(cfg).to(device)
-        name, lr, wd = optimizer_settings(cfg, method)
+        _, lr, wd = optimizer_settings(cfg, method)
         opt = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
         times = []
         for epoch in range(2):  # epoch 1 warms up, epoch 2 is timed, as in train_worker
@@ -668,12 +665,25 @@ def bench_gpu(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def run_bench(quick: bool = False, only: list[str] | None = None, out: str | None = None, root: str = "",
-              repeats: int | None = None, device: str | None = None) -> dict[str, Any]:
+              repeats: int | None = None, device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run the chosen sections; ``threads`` sets torch's intra-op threads in this process for the run
+    (default: torch's own choice, 1 with ``quick``: on a shared, oversubscribed CPU OpenMP spin-waits make
+    2 threads several times slower than 1)."""
+    previous_threads = torch.get_num_threads()
+    if threads or quick:
+        torch.set_num_threads(threads or 1)
+    try:
+        return _run(quick, only, out, root, repeats, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(quick, only, out, root, repeats, device) -> dict[str, Any]:
     chosen = list(only) if only else [s for s in SECTIONS if not (quick and s == "ray")]
     bad = [s for s in chosen if s not in SECTIONS]
     if bad:
         raise ValueError(f"--only: {', '.join(bad)} not valid; choose from {', '.join(SECTIONS)}")
-    use_ray = "ray" in chosen and not quick
+    use_ray = "ray" in chosen  # --quick leaves Ray out unless --only names it
     root = _data_root(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reps = repeats or (1 if quick else 3)
@@ -681,21 +691,24 @@ def run_bench(quick: bool = False, only: list[str] | None = None, out: str | Non
         "meta": {
             "date": datetime.date.today().isoformat(), "quick": quick, "sections": chosen, "repeats": reps,
             "cpu": cpu_name(), "cores": cores(), "device": str(dev), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "torch_threads": torch.get_num_threads(), "load_avg_at_start": os.getloadavg(), "cuda": torch.cuda.is_available(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "data_root": root,
         }
     }
     started = time.perf_counter()
-    if "data" in chosen:
-        result["data"] = bench_data(root, quick, use_ray, reps)
-    if "augment" in chosen:
-        result["augment"] = bench_augment(root, quick, dev, reps)
-    if "step" in chosen or ("ray" in chosen and not quick):
-        result["step"] = bench_step(root, quick, use_ray, dev, reps)
-    if "peer" in chosen:
-        result["peer"] = bench_peer(root, quick, dev, reps)
-    if "gpu" in chosen:
-        result["gpu"] = bench_gpu(quick, reps)
+    walls = result["meta"]["section_wall_s"] = {}
+    jobs = {
+        "data": lambda: bench_data(root, quick, use_ray, reps),
+        "augment": lambda: bench_augment(root, quick, dev, reps),
+        "step": lambda: bench_step(root, quick, use_ray, dev, reps),
+        "peer": lambda: bench_peer(root, quick, dev, reps),
+        "gpu": lambda: bench_gpu(quick, reps),
+    }
+    for name, job in jobs.items():
+        if name in chosen or (name == "step" and use_ray):
+            t = time.perf_counter()
+            result[name] = job()
+            walls[name] = round(time.perf_counter() - t, 1)
     result["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

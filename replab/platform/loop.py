@@ -309,13 +309,27 @@ def train_worker(
         due_eval = done == cfg.train.epochs or (cfg.eval.every and done % cfg.eval.every == 0)
         if due_eval and is_chief:
             record.update(run_eval(done))
-        if is_chief and logger is not None:
-            logger.metrics({k: v for k, v in record.items() if k not in ("epoch", "step")} | {"epoch": done}, step=step)
+        if is_chief:
+            print(progress_line(record, cfg.train.epochs), flush=True)
+            if logger is not None:
+                logger.metrics({k: v for k, v in record.items() if k not in ("epoch", "step")} | {"epoch": done},
+                               step=step)
         due_ckpt = done == cfg.train.epochs or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
         checkpoint_dir = save_checkpoint(method, optimizer, done, step, cfg) if (due_ckpt and is_chief) else None
         env.report(record, checkpoint_dir)
         history.append(record)
     return LoopResult(epochs_done=cfg.train.epochs, steps=step, history=history)
+
+
+def progress_line(record: dict[str, Any], epochs: int) -> str:
+    """``epoch 3/10  loss 4.1234  812 img/s  knn 0.412  linear 0.455  skipped 0`` (rank 0, once per epoch)."""
+    parts = [f"epoch {record['epoch']}/{epochs}", f"loss {record['train/epoch_loss']:.4f}",
+             f"{record['train/epoch_images_per_sec']:.0f} img/s"]
+    for key, label in (("eval/knn_top1", "knn"), ("eval/linear_top1", "linear")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.3f}")
+    parts.append(f"skipped {record['data/skipped']}")
+    return "  ".join(parts)
 
 
 @torch.no_grad()

@@ -163,7 +163,8 @@ def load_openset_data(
     else:
         bank_images, bank_labels = data_lib.load_arrays(dataset, split=cfg.eval.train_split, limit=cfg.eval.bank_limit,
                                                         seed=data.seed, **common)
-        known = [int(c) for c in (data.known_classes if data.known_classes is not None else np.unique(bank_labels[bank_labels >= 0]))]
+        present = np.unique(bank_labels[bank_labels >= 0])
+        known = [int(c) for c in (data.known_classes if data.known_classes is not None else present)]
         keep = np.isin(bank_labels, known)
         lut = {c: i for i, c in enumerate(known)}
         images = bank_images[keep]
@@ -320,7 +321,8 @@ def evaluate_finetune(
         out[f"{prefix}top1"] = (probs[mask].argmax(1) == y[mask]).float().mean().item()
     ood_msp = None
     if data.ood_images is not None and len(data.ood_images):
-        ood_msp = F.softmax(_logits(model, data.ood_images, resolution, device, eval_batch_size, bf16).cpu(), 1).max(1).values
+        ood_logits = _logits(model, data.ood_images, resolution, device, eval_batch_size, bf16).cpu()
+        ood_msp = F.softmax(ood_logits, dim=1).max(1).values
     out.update(_detection_metrics(prefix, probs.max(1).values, data.known_mask, ood_msp, "auroc_msp"))
     return out
 

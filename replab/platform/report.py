@@ -135,8 +135,8 @@ def axis_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int = 
     """Per first-class axis: one power-law fit per combination of the other axes' values."""
     out: dict[str, list[dict]] = {}
     for axis in axes:
-        if axis not in FIRST_CLASS_AXES:
-            continue
+        if axis not in FIRST_CLASS_AXES or len({p.labels[axis] for p in points}) < 2:
+            continue  # not a scaling axis, or a single value here: it is held fixed
         others = [a for a in axes if a != axis]
         groups: dict[tuple, list[Point]] = defaultdict(list)
         for p in points:

@@ -116,7 +116,8 @@ def _check_entry(i: int, entry: Any) -> None:
             raise ConfigError(f"{key}.{k}: unknown key; valid keys: {', '.join(MIX_KEYS)}")
     if "count" in entry and "fraction" in entry:
         raise ConfigError(f"{key}: give count or fraction, not both")
-    if "count" in entry and (not isinstance(entry["count"], int) or isinstance(entry["count"], bool) or entry["count"] < 1):
+    count = entry.get("count")
+    if "count" in entry and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
         raise ConfigError(f"{key}.count: {entry['count']!r} is not valid; expected a positive integer")
     if "fraction" in entry:
         f = entry["fraction"]
@@ -338,7 +339,9 @@ def labeled_split(data, write: bool = True) -> LabeledSplit:
     return split
 
 
-def load_labeled(data, split: LabeledSplit | None = None, resolution: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_labeled(
+    data, split: LabeledSplit | None = None, resolution: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The labeled images (uint8 ``[n, R, R, 3]``) and their labels remapped to 0..C-1 (known-class order)."""
     split = split or labeled_split(data)
     src = _source(data.dataset, data.root, data.split, data.image_column, data.label_column)
@@ -629,7 +632,8 @@ def build_unlabeled_dataset(data, *, window_bytes: int | None = None):
 __all__ = [
     "LabeledSplit", "PoolSource", "SupportSampler", "UnlabeledPool", "build_unlabeled_dataset", "is_semisupervised",
     "labeled_split", "load_labeled", "load_rows", "load_unlabeled_arrays", "pool_manifest", "pool_summary",
-    "read_split_file", "resolve_source", "row_labels", "select_labeled", "split_path", "support_sampler", "uses_unlabeled_pool",
+    "read_split_file", "resolve_source", "row_labels", "select_labeled", "split_path", "support_sampler",
+    "uses_unlabeled_pool",
     "validate", "write_split_file",
 ]
 

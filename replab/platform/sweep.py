@@ -51,6 +51,7 @@ import copy
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -780,6 +781,7 @@ def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
             retry(logger.dict, {k: v for k, v in metrics.items() if k.startswith(("eval/", "train/epoch"))},
                   "eval_summary.json")
         retry(logger.tag, "replab.completed", "true")
+        retry(logger.tag, "replab.early_stopped", "false")
         phases["log_outputs_s"] = time.time() - mark
         retry(logger.finish, "FINISHED")
     except BaseException as exc:
@@ -805,60 +807,90 @@ def _status_callback(uri: str, plan: dict[str, Any]):
     A trial that finishes its run marks its child FINISHED itself; one that Tune stopped early (ASHA) was killed
     mid-run, so its child is still RUNNING here: it is tagged ``replab.early_stopped``, given the compute of the
     steps it ran, and marked FINISHED. An errored trial's child is marked FAILED. Never raises (an exception in a
-    Tune callback would turn the trial into an error).
+    Tune callback would turn the trial into an error). The class lives at module level (built on first use,
+    see :func:`__getattr__`): ``Tuner.restore`` unpickles the first attempt's callbacks, and a class pickled
+    by reference runs the current code.
     """
-    import logging
+    cls = globals().get("_StatusCallback") or __getattr__("_StatusCallback")
+    return cls(uri, {k: v for k, v in plan.items() if k != "cells"})
 
+
+def _make_status_callback_class():
     from ray.tune import Callback
 
-    from replab.platform import tracking
+    class _StatusCallback(Callback):
+        def __init__(self, uri: str, plan: dict[str, Any]):
+            self.uri = uri
+            self.plan = plan
 
-    log = logging.getLogger(__name__)
-
-    def name_of(trial) -> str:
-        cfg = trial.config or {}
-        return trial_name(str(cfg.get("cell", "")), {k: v for k, v in cfg.items() if k != "cell"})
-
-    def child(trial):
-        return retry(tracking.find_run, uri, plan["experiment"], f"{plan['name']}.{name_of(trial)}")
-
-    def early_stopped(trial) -> None:
-        run = child(trial)
-        if run is None or run.info.status != "RUNNING":
-            return
-        c = tracking.client(uri)
-        last = trial.last_result or {}
-        retry(c.set_tag, run.info.run_id, "replab.early_stopped", "true")
-        compute_file = Path(plan["dir"]) / "trials" / name_of(trial) / "compute.json"
-        if compute_file.exists() and "step" in last:
-            compute = json.loads(compute_file.read_text())
-            steps = int(last["step"])
-            retry(tracking.RunLogger(uri, run.info.run_id).metrics, {
-                "compute/params": compute["params"], "compute/params_total": compute["params_total"],
-                "compute/flops_per_step": compute["flops_per_step"],
-                "compute/train_flops": compute["flops_per_step"] * steps, "compute/steps": steps,
-                "compute/images_seen": steps * compute.get("batch_size", 0)}, step=steps)
-        retry(c.set_terminated, run.info.run_id, status="FINISHED")
-
-    def errored(trial) -> None:
-        run = child(trial)
-        if run is not None and run.info.status == "RUNNING":
-            retry(tracking.client(uri).set_terminated, run.info.run_id, status="FAILED")
-
-    class StatusCallback(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             try:
-                early_stopped(trial)
+                _settle_early_stopped(self.uri, self.plan, trial)
             except Exception as exc:  # noqa: BLE001
-                log.warning("could not settle the MLflow run of %s: %s", name_of(trial), exc)
+                _log.warning("could not settle the MLflow run of %s: %s", _name_of(trial), exc)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             try:
-                errored(trial)
+                _settle_errored(self.uri, self.plan, trial)
             except Exception as exc:  # noqa: BLE001
-                log.warning("could not mark the MLflow run of %s failed: %s", name_of(trial), exc)
+                _log.warning("could not mark the MLflow run of %s failed: %s", _name_of(trial), exc)
 
-    return StatusCallback()
+    _StatusCallback.__module__ = __name__
+    _StatusCallback.__qualname__ = "_StatusCallback"
+    return _StatusCallback
+
+
+def __getattr__(name: str):
+    """Build the Tune callback class on first use (importing Ray Tune only when a sweep runs)."""
+    if name == "_StatusCallback":
+        cls = _make_status_callback_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_log = logging.getLogger(__name__)
+
+
+def _name_of(trial) -> str:
+    cfg = trial.config or {}
+    return trial_name(str(cfg.get("cell", "")), {k: v for k, v in cfg.items() if k != "cell"})
+
+
+def _child_of(uri: str, plan: dict[str, Any], trial):
+    from replab.platform import tracking
+
+    return retry(tracking.find_run, uri, plan["experiment"], f"{plan['name']}.{_name_of(trial)}")
+
+
+def _settle_early_stopped(uri: str, plan: dict[str, Any], trial) -> None:
+    from replab.platform import tracking
+
+    run = _child_of(uri, plan, trial)
+    if run is None or run.info.status != "RUNNING":
+        return
+    c = tracking.client(uri)
+    last = trial.last_result or {}
+    retry(c.set_tag, run.info.run_id, "replab.early_stopped", "true")
+    compute_file = Path(plan["dir"]) / "trials" / _name_of(trial) / "compute.json"
+    logged = retry(c.get_metric_history, run.info.run_id, "epoch")  # rank 0 may have run past Tune's last result
+    steps = max([int(last.get("step", 0))] + [m.step for m in logged])
+    if compute_file.exists() and steps:
+        compute = json.loads(compute_file.read_text())
+        retry(tracking.RunLogger(uri, run.info.run_id).metrics, {
+            "compute/params": compute["params"], "compute/params_total": compute["params_total"],
+            "compute/flops_per_step": compute["flops_per_step"],
+            "compute/train_flops": compute["flops_per_step"] * steps, "compute/steps": steps,
+            "compute/images_seen": steps * compute.get("batch_size", 0)}, step=steps)
+    retry(c.set_terminated, run.info.run_id, status="FINISHED")
+
+
+def _settle_errored(uri: str, plan: dict[str, Any], trial) -> None:
+    from replab.platform import tracking
+
+    run = _child_of(uri, plan, trial)
+    if run is not None and run.info.status == "RUNNING":
+        retry(tracking.client(uri).set_terminated, run.info.run_id, status="FAILED")
 
 
 def _trial_dirname(trial) -> str:
@@ -947,7 +979,9 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep {spec.name!r} at {folder} to resume; run without --resume to start it")
 
-    ensure_ray()
+    # a local instance gets the cores plus what concurrent trials' train workers ask for (Ray Data needs CPUs too)
+    per_trial = max(max(c.config.train.num_workers, 1) * c.config.train.cpus_per_worker for c in cells)
+    ensure_ray(per_trial * spec.max_concurrent + spec.trial_cpus * spec.max_concurrent)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation may run only at the last epoch
     uri = base.tracking.uri
     check_tracking_reachable(uri)
@@ -970,7 +1004,6 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": spec.trial_cpus})
     callback = _status_callback(uri, plan)
     start = time.time()
-    grids = []
     interrupted = False
     try:
         if spec.search is None:
@@ -1016,7 +1049,6 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
                     ),
                 )
             results = tuner.fit()
-            grids.append(results)
             states = _trial_states(results)
             if any(s not in ("TERMINATED", "ERROR") for s in states):
                 interrupted = True
@@ -1050,7 +1082,10 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
 
 def _trial_states(results) -> list[str]:
     """The status of every trial of a finished ``Tuner.fit`` (TERMINATED, ERROR, or unfinished ones)."""
-    return [str(t.status) for t in results._experiment_analysis.trials]
+    try:
+        return [str(t.status) for t in results._experiment_analysis.trials]
+    except AttributeError:  # no trial objects in this Ray version: a result without error is a finished trial
+        return ["ERROR" if r.error else "TERMINATED" for r in results]
 
 
 def trial_table(uri: str, parent_run_id: str) -> list[dict[str, Any]]:

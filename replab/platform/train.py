@@ -147,6 +147,8 @@ def ensure_ray(train_cpus: float = 0.0) -> None:
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = int((os.cpu_count() or 1) + max(1, round(train_cpus)))
+        # Library deprecation notices from inside Ray's own actors are not the user's to act on.
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     ray.init(**kwargs)
     from ray.data import DataContext
 
