@@ -375,6 +375,9 @@ def _check_ranges(cfg: RunConfig) -> None:
             f"train.batch_size: {cfg.train.batch_size} is not divisible by train.num_workers={workers}; "
             "choose a multiple of the worker count"
         )
+    from replab.platform.semisup import validate as validate_semisup
+
+    validate_semisup(cfg.data)
     if cfg.model.backbone not in backbones.BACKBONES:
         raise ConfigError(
             f"model.backbone: {cfg.model.backbone!r} is not valid; choose one of: {', '.join(backbones.BACKBONES)}"

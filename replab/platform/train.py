@@ -44,6 +44,12 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     data = replace(cfg.data, root=data_lib.data_root(cfg.data.root))
     if not is_uri(cfg.data.dataset) and Path(cfg.data.dataset).exists():
         data = replace(data, dataset=str(Path(cfg.data.dataset).resolve()))
+    if data.split_file and not is_uri(data.split_file):
+        data = replace(data, split_file=str(Path(data.split_file).expanduser().resolve()))
+    if data.mix:
+        data = replace(data, mix=[{**m, "dataset": str(Path(m["dataset"]).resolve())}
+                                  if "dataset" in m and not is_uri(str(m["dataset"])) and Path(str(m["dataset"])).exists()
+                                  else m for m in data.mix])
     storage = cfg.train.storage_path
     if not is_uri(storage):
         storage = str(Path(storage).expanduser().resolve())
@@ -189,7 +195,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
             if cfg.source_file:
                 logger.artifact(cfg.source_file, "config")
 
-    train_data = data_lib.build_train_dataset(cfg.data)
+    train_data = build_train_data(cfg, logger if run_id else None)
     loop_config = {
         "config": cfg.to_dict(),
         "num_rows": train_data.num_rows,
@@ -226,6 +232,22 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
         _log_outputs(tracking.RunLogger(uri, run_id), result, metrics)
         tracking.RunLogger(uri, run_id).finish("FINISHED")
     return FitResult(name, run_id, uri, metrics, checkpoint_path)
+
+
+def build_train_data(cfg: RunConfig, logger: tracking.RunLogger | None = None) -> data_lib.TrainData:
+    """The training stream: the dataset itself, or (semi-supervised / open-set) the mixed unlabeled pool,
+    whose images reach the trainers with label -1; the labeled split file is written first, on the driver."""
+    from replab.platform import semisup
+
+    if not semisup.uses_unlabeled_pool(cfg.data):
+        return data_lib.build_train_dataset(cfg.data)
+    if semisup.is_semisupervised(cfg.data):
+        split = semisup.labeled_split(cfg.data)
+        if logger is not None:
+            logger.artifact(split.path, "splits")
+    if logger is not None:
+        logger.metrics(semisup.pool_summary(semisup.pool_manifest(cfg.data)), step=0)
+    return semisup.build_unlabeled_dataset(cfg.data)
 
 
 def _log_outputs(logger: tracking.RunLogger, result: Any, metrics: dict[str, Any]) -> None:
