@@ -512,6 +512,7 @@ def count_compute(cfg: RunConfig) -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from replab.methods.base import Support
     from replab.platform.loop import build_method
 
     batch = cfg.train.batch_size
@@ -522,8 +523,15 @@ def count_compute(cfg: RunConfig) -> dict[str, Any]:
             method = build_method(cfg)
             views = [torch.rand(b, 3, s.size, s.size) for s in method.views()]
             labels = torch.randint(0, 10, (b,))
+            extra = {}
+            spec = method.support()
+            if spec is not None:  # semi-supervised methods also see a labeled support batch every step
+                classes = spec.classes_per_step or len(cfg.data.known_classes or range(10))
+                n = classes * spec.images_per_class
+                extra["support"] = Support([torch.rand(n, 3, v.size, v.size) for v in spec.views],
+                                           torch.arange(classes).repeat_interleave(spec.images_per_class))
         with FlopCounterMode(display=False) as counter:
-            out = method(views, labels)
+            out = method(views, labels, **extra)
             out.loss.backward()
         return float(counter.get_total_flops()), method
 
@@ -654,17 +662,11 @@ def _open_child(cfg: RunConfig, parent_run_id: str, run_label: str, params: dict
 
 
 def build_trial_data(cfg: RunConfig):
-    """The training ``TrainData`` of a run: the data layer's dataset, or the mixed unlabeled pool
-    (:mod:`replab.platform.semisup`) when ``data.ood_fraction`` / ``data.mix`` is set."""
-    from replab.platform import data as data_lib
+    """The training ``TrainData`` of a trial: the same stream ``replab train`` builds (the dataset, or the
+    mixed unlabeled pool of a semi-supervised / open-set config)."""
+    from replab.platform.train import build_train_data
 
-    if uses_pool(cfg.data):
-        from replab.platform import semisup
-
-        if semisup.is_semisupervised(cfg.data):
-            semisup.labeled_split(cfg.data)  # writes the split file before the workers read it
-        return semisup.build_unlabeled_dataset(cfg.data)
-    return data_lib.build_train_dataset(cfg.data)
+    return build_train_data(cfg)
 
 
 def _json_write(path: Path, data: Any) -> None:
