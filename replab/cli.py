@@ -2,6 +2,7 @@
 
     replab train CONFIG [--set section.key=value ...]   pre-train (resumes when re-run), evaluate, log to MLflow
     replab eval RUN_OR_CHECKPOINT [--knn] [--linear]    evaluate a run's final encoder or a checkpoint folder
+    replab eval RUN_OR_CHECKPOINT --openset [...]       closed-set accuracy + AUROC known/unknown/OOD (+ fine-tune)
     replab methods                                      the registered methods, one line each
     replab data inspect SOURCE                          rows, classes, image sizes, unreadable files
     replab data download NAME                           fetch and convert a named dataset (needs a network)
@@ -41,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", action="store_true", help="linear probe only (default: both)")
     p.add_argument("--config", help="config whose eval/data/tracking sections to use")
     _add_set(p)
+    o = p.add_argument_group("open-set / few-label evaluation (--openset)")
+    o.add_argument("--openset", action="store_true",
+                   help="SNN top-1 on the known classes, AUROC known vs unknown test images and vs --ood-dataset")
+    o.add_argument("--finetune-epochs", type=int, default=0, help="also fine-tune encoder + linear head (0: off)")
+    o.add_argument("--labels-per-class", type=int, default=None, help="labeled set (default: the run's split)")
+    o.add_argument("--label-fraction", type=float, default=None, help="labeled set as a fraction, e.g. 0.01")
+    o.add_argument("--known-classes", default=None, help="comma list of known class ids (default: the run's)")
+    o.add_argument("--ood-dataset", default="tinyimagenet", help="unseen dataset for the OOD AUROC ('' to skip)")
+    o.add_argument("--ood-split", default="val")
+    o.add_argument("--ood-limit", type=int, default=None, help="OOD images (default: all)")
 
     sub.add_parser("methods", help="list the registered methods")
 
@@ -99,11 +110,25 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from replab.platform.evaluation_cli import evaluate_target
-
     cfg = load_config(args.config, args.overrides)
-    knn, linear = (args.knn or not args.linear), (args.linear or not args.knn)
-    results = evaluate_target(args.target, cfg, knn=knn, linear=linear)
+    if args.openset:
+        from replab.platform.openset import evaluate_openset_target
+
+        known = None
+        if args.known_classes:
+            try:
+                known = [int(c) for c in args.known_classes.split(",")]
+            except ValueError:
+                raise ConfigError(f"--known-classes: {args.known_classes!r} is not a comma list of class ids") from None
+        results = evaluate_openset_target(
+            args.target, cfg, finetune_epochs=args.finetune_epochs, labels_per_class=args.labels_per_class,
+            label_fraction=args.label_fraction, known_classes=known, ood_dataset=args.ood_dataset,
+            ood_split=args.ood_split, ood_limit=args.ood_limit)
+    else:
+        from replab.platform.evaluation_cli import evaluate_target
+
+        knn, linear = (args.knn or not args.linear), (args.linear or not args.knn)
+        results = evaluate_target(args.target, cfg, knn=knn, linear=linear)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -116,14 +116,17 @@ class Cluster:
         out = http_json(f"{self.address}/api/v0/actors?{query}", token=self.token)
         return out["data"]["result"]["result"]
 
-    def submit_cmd(self, data_root: Path, overrides: list[str], *extra: str) -> list[str]:
-        """The README's command: ray job submit --working-dir . -- replab train --set ..."""
+    def job_cmd(self, data_root: Path, replab_args: list[str], *extra: str) -> list[str]:
+        """The README's command: ray job submit --working-dir . [extra] -- replab <replab_args>"""
         runtime_env = {"env_vars": {"REPLAB_DATA_ROOT": str(data_root), "MLFLOW_TRACKING_URI": self.mlflow_uri}}
-        cmd = ["ray", "job", "submit", "--address", self.address, "--working-dir", str(REPO),
-               "--runtime-env-json", json.dumps(runtime_env), *extra, "--", "replab", "train"]
-        for item in [*TINY, f"train.storage_path={self.storage}", "tracking.experiment=cluster", *overrides]:
-            cmd += ["--set", item]
-        return cmd
+        return ["ray", "job", "submit", "--address", self.address, "--working-dir", str(REPO),
+                "--runtime-env-json", json.dumps(runtime_env), *extra, "--", "replab", *replab_args]
+
+    def submit_cmd(self, data_root: Path, overrides: list[str], *extra: str) -> list[str]:
+        """``replab train`` on the tiny settings, submitted as the README says."""
+        sets = [f"--set={item}" for item in
+                [*TINY, f"train.storage_path={self.storage}", "tracking.experiment=cluster", *overrides]]
+        return self.job_cmd(data_root, ["train", *sets], *extra)
 
     # --- MLflow REST API
     def mlflow(self, endpoint: str, body: dict | None = None, **params) -> dict:
@@ -254,7 +257,10 @@ def finished_run(cluster: Cluster, name: str, epochs: int) -> dict:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_submit_trains_across_two_nodes_with_token_auth(cluster, data_root):
+def test_job_trains_across_two_nodes_and_survives_a_killed_worker(cluster, data_root):
+    """``ray job submit -- replab train`` with token auth: the 2-worker group spans both nodes; a train worker
+    SIGKILLed after the first checkpoint is restarted by Ray Train from it, and the run finishes all epochs as
+    one MLflow run with every step logged (steps after the checkpoint logged twice, at most one epoch)."""
     # Token authentication is on: the Jobs API refuses a client without the token.
     with pytest.raises(urllib.error.HTTPError) as denied:
         urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=30)
@@ -265,38 +271,14 @@ def test_job_submit_trains_across_two_nodes_with_token_auth(cluster, data_root):
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
 
-    start = time.time()
-    proc = subprocess.run(cluster.submit_cmd(data_root, ["train.name=cluster-train", "train.epochs=3"]),
-                          env=cluster.env, capture_output=True, text=True, timeout=600, cwd=REPO)
-    wall = time.time() - start
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "run cluster-train finished" in proc.stdout
-
-    run = finished_run(cluster, "cluster-train", 3)
-    run_id = run["info"]["run_id"]
-    losses = cluster.history(run_id, "train/loss")
-    assert sorted(m["step"] for m in losses) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["train.num_workers"] == "2"
-    # The two train workers ran on the two different nodes.
-    workers = cluster.train_workers()
-    assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers
-    first_step_ms = min(m["timestamp"] for m in losses)
-    print(f"\n[cluster] undisturbed 3-epoch job: wall {wall:.1f} s (submit to exit), "
-          f"submit to first logged step {first_step_ms / 1000 - start:.1f} s")
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_killed_train_worker_is_restarted_and_the_run_finishes(cluster, data_root):
-    """SIGKILL a train worker after the first checkpoint: Ray Train restarts the group from it."""
-    name, epochs = "cluster-kill", 3
+    name, epochs = "cluster-train", 3
     cmd = cluster.submit_cmd(data_root, [f"train.name={name}", f"train.epochs={epochs}", "train.max_failures=2"])
     start = time.time()
-    out_path = Path(cluster.temp_dir) / "kill-job.log"
+    out_path = Path(cluster.temp_dir) / "train-job.log"
     with open(out_path, "w") as out:
         proc = subprocess.Popen(cmd, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         try:
+            placement: set[str] = set()
             killed_at = None
             deadline = time.time() + 480
             while killed_at is None:
@@ -304,11 +286,11 @@ def test_killed_train_worker_is_restarted_and_the_run_finishes(cluster, data_roo
                 assert time.time() < deadline, "no checkpoint within the time limit"
                 if list((cluster.storage / name).glob("checkpoint_*/state.pt")):
                     alive = cluster.train_workers(alive_only=True)
-                    if alive:
+                    if len(alive) == 2:
+                        placement = {w["node_id"] for w in alive}
                         victim = max(alive, key=lambda w: w.get("pid") or 0)
                         os.kill(int(victim["pid"]), signal.SIGKILL)
                         killed_at = time.time()
-                        break
                 time.sleep(0.2)
             proc.wait(timeout=540)
         finally:
@@ -317,12 +299,79 @@ def test_killed_train_worker_is_restarted_and_the_run_finishes(cluster, data_roo
     wall = time.time() - start
     log = out_path.read_text()
     assert proc.returncode == 0, log[-5000:]
+    assert f"run {name} finished" in log
+    assert len(placement) == 2, "the two train workers did not run on the two nodes"
 
     run = finished_run(cluster, name, epochs)
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["train.num_workers"] == "2"
     losses = cluster.history(run["info"]["run_id"], "train/loss")
     steps = [m["step"] for m in losses]
     assert set(steps) == set(range(1, epochs * STEPS_PER_EPOCH + 1))
     steps_lost = len(steps) - len(set(steps))  # steps trained twice: after the checkpoint, before the kill
-    assert steps_lost < 2 * STEPS_PER_EPOCH
-    print(f"\n[cluster] {epochs}-epoch job with a worker SIGKILLed {killed_at - start:.1f} s after submit: "
-          f"wall {wall:.1f} s, steps re-done {steps_lost}")
+    assert steps_lost <= STEPS_PER_EPOCH
+    first_step_ms = min(m["timestamp"] for m in losses)
+    print(f"\n[cluster] {epochs}-epoch job, submit to first logged step {first_step_ms / 1000 - start:.1f} s, "
+          f"a worker SIGKILLed {killed_at - start:.1f} s after submit: wall {wall:.1f} s, steps re-done {steps_lost}")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_job_killed_mid_sweep_and_resubmitted_does_not_rerun_finished_trials(cluster, data_root):
+    """``ray job submit -- replab sweep``; ``ray job stop`` once the first trial has finished; the same
+    command submitted again finishes the sweep without training the finished trial again."""
+    name = "cluster-sweep"
+    raw = {
+        "data": {"dataset": "cifar10", "resolution": 32},
+        "model": {"backbone": "resnet18"},
+        "method": {"name": "simclr", "proj_hidden_dim": 64, "proj_dim": 32},
+        "train": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0, "num_workers": 1, "cpus_per_worker": 1,
+                  "storage_path": str(cluster.storage)},
+        "eval": {"linear": False, "bank_limit": 128, "test_limit": 64, "knn_k": 10, "before_training": False},
+        "tracking": {"experiment": "cluster"},
+        "sweep": {"name": name, "max_concurrent": 1, "save_encoders": False,
+                  "axes": {"model_size": [0.125, 0.25], "data_size": [64]}},
+    }
+    config = Path(cluster.temp_dir) / "sweep.yaml"
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    trials = cluster.storage / "sweeps" / name / "trials"
+    job_id = "replab-sweep-first"
+    first = subprocess.run(cluster.job_cmd(data_root, ["sweep", str(config), "--no-report"], "--no-wait",
+                                           "--submission-id", job_id),
+                           env=cluster.env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    deadline = time.time() + 480
+    done_before: list[str] = []
+    while not done_before:
+        status = http_json(f"{cluster.address}/api/jobs/{job_id}", token=cluster.token)["status"]
+        assert status in ("PENDING", "RUNNING"), f"job {status} before a trial finished: " + \
+            subprocess.run(["ray", "job", "logs", "--address", cluster.address, job_id], env=cluster.env,
+                           capture_output=True, text=True).stdout[-3000:]
+        assert time.time() < deadline, "no trial finished in time"
+        done_before = sorted(p.parent.name for p in trials.glob("*/done.json"))
+        time.sleep(0.5)
+    subprocess.run(["ray", "job", "stop", "--address", cluster.address, job_id], env=cluster.env,
+                   capture_output=True, text=True, timeout=120, check=True)
+    assert http_json(f"{cluster.address}/api/jobs/{job_id}", token=cluster.token)["status"] == "STOPPED"
+    unfinished = [p.name for p in trials.iterdir() if not (p / "done.json").exists()] if trials.exists() else []
+    assert len(done_before) < 2, "the sweep finished before the job could be stopped"
+
+    resubmitted = time.time()
+    again = subprocess.run(cluster.job_cmd(data_root, ["sweep", str(config), "--no-report"]),
+                           env=cluster.env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    names = sorted(p.name for p in trials.iterdir())
+    assert len(names) == 2 and all((trials / n / "done.json").exists() for n in names)
+    for n in done_before:  # finished before the kill: trained exactly once
+        assert len((trials / n / "starts.log").read_text().splitlines()) == 1, f"{n} trained again"
+    # One MLflow child run per trial on the shared server, all FINISHED (a trial cut off by the kill resumed
+    # into its own child run), and one parent.
+    exp = cluster.mlflow("experiments/get-by-name", experiment_name="cluster")["experiment"]
+    runs = cluster.mlflow("runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                          "filter": f"tags.`replab.sweep` = '{name}'"}).get("runs", [])
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    children = [(t.get("replab.trial"), r["info"]["status"]) for t, r in zip(tags, runs) if t.get("replab.role") == "trial"]
+    assert sorted(children) == sorted((n, "FINISHED") for n in names), children
+    assert sum(t.get("replab.role") == "sweep" for t in tags) == 1
+    print(f"\n[cluster] sweep job stopped after {len(done_before)} finished trial(s) ({len(unfinished)} unfinished); "
+          f"the re-submitted job finished the rest in {time.time() - resubmitted:.1f} s without re-running them")

@@ -3,6 +3,7 @@ support sampler, unlabeled pools, AUROC and the open-set evaluation, and short P
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -215,6 +216,7 @@ def test_split_files_are_deterministic(data_root, tmp_path, monkeypatch):
     path.unlink()
     again = semisup.labeled_split(cfg.data)
     assert path.read_text() == text  # same seed -> the same file, byte for byte
+    assert {c: list(r) for c, r in again.rows.items()} == {c: list(r) for c, r in first.rows.items()}
     assert again.known_classes == [2, 3, 4, 5, 6, 7] and all(len(r) == 25 for r in again.rows.values())
     other = load_config(None, base + ["data.split_seed=1", f"data.split_file={tmp_path}/seed1.json"])
     semisup.labeled_split(other.data)
@@ -259,6 +261,11 @@ def test_support_sampler_from_config_on_cifar(data_root, tmp_path, monkeypatch):
     images, labels = semisup.load_rows(src, rows, 32)
     first = x[y == 0][0].numpy()
     assert any(np.array_equal(first, img) for img in images) and (labels == 2).all()
+    # a resumed run (start_epoch > 0) draws its own stream; the same start epoch gives the same stream
+    again = semisup.support_sampler(cfg, spec, 0, 1, torch.device("cpu"))
+    assert torch.equal(next(again)[0], x)
+    resumed = [next(semisup.support_sampler(cfg, spec, 0, 1, torch.device("cpu"), start_epoch=3))[0] for _ in range(2)]
+    assert torch.equal(resumed[0], resumed[1]) and not torch.equal(resumed[0], x)
     no_labels = load_config(None, [f"data.root={data_root}"])
     with pytest.raises(ConfigError, match="labels_per_class"):
         semisup.support_sampler(no_labels, spec, 0, 1, torch.device("cpu"))
@@ -385,7 +392,7 @@ class _Recorder:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["paws", "ropaws"])
-def test_short_run_on_cifar_does_not_collapse(name, data_root, tmp_path, monkeypatch):
+def test_short_run_on_cifar_does_not_collapse(name, data_root, tmp_path, monkeypatch, capsys):
     from replab.platform.loop import LocalEnv, train_worker
 
     monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path / "cache"))
@@ -407,11 +414,16 @@ def test_short_run_on_cifar_does_not_collapse(name, data_root, tmp_path, monkeyp
         # targets carry the uniform out-of-class mass; they are still not uniform and the weights not zero.
         assert all(r["train/target_entropy"] < math.log(6) - 1e-3 for r in steps)
         assert all(0 < r["train/p_in"] <= 1 for r in steps)
-    # the open-set report runs on the trained encoder
-    from replab.platform.loop import build_method, load_checkpoint
+    # `replab eval --openset` on the final checkpoint: the run's own labeled split and known classes
+    from replab.cli import main
 
-    method = build_method(cfg)
-    method.load_state_dict(load_checkpoint(env.latest_checkpoint())["method"])
-    data = openset.load_openset_data(cfg, test_limit=120, ood_dataset="tinyimagenet", ood_limit=40)
-    out = openset.evaluate_openset(method.encoder, data, 32, torch.device("cpu"))
-    assert 0 <= out["openset/snn_top1"] <= 1 and 0 <= out["openset/auroc"] <= 1 and 0 <= out["openset/ood_auroc"] <= 1
+    capsys.readouterr()  # drop the training progress lines
+    code = main(["eval", env.latest_checkpoint(), "--openset", "--ood-limit", "40", "--set", f"data.root={data_root}",
+                 "--set", "eval.test_limit=120", "--set", "tracking.enabled=false"]
+                + (["--finetune-epochs", "1"] if name == "paws" else []))
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["openset/labeled"] == 6 * 6  # TINY: 6 labels per known class
+    for key in ("openset/snn_top1", "openset/auroc", "openset/ood_auroc", "openset/auroc_msp"):
+        assert 0 <= out[key] <= 1, key
+    assert (name == "paws") == ("finetune/top1" in out)

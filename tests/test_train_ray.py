@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -54,8 +53,11 @@ def test_two_worker_ray_train_run_logs_to_mlflow(ray_session, data_root, tmp_pat
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/encoder.safetensors"]
 
 
-def test_killed_run_resumes_from_its_checkpoint(data_root, tmp_path):
-    """Kill `replab train` after its first checkpoint; the same command finishes the same MLflow run."""
+def test_killed_run_resumes_from_its_checkpoint(ray_session, data_root, tmp_path):
+    """Kill `replab train` after its first checkpoint; the same command finishes the same MLflow run.
+
+    Both drivers join the shared Ray instance (``RAY_ADDRESS``) instead of starting one each: the resume
+    logic under test is replab's (checkpoint folder + MLflow run lookup), not Ray's start-up."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "runs"
     args = [sys.executable, "-m", "replab.cli", "train", "--set", f"data.root={data_root}"]
@@ -63,7 +65,7 @@ def test_killed_run_resumes_from_its_checkpoint(data_root, tmp_path):
                         f"tracking.uri={uri}", "tracking.experiment=resume-test", "train.name=resume-me",
                         "eval.before_training=false", "eval.linear=false", "data.limit=512"]:
         args += ["--set", item]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.time() + 400

@@ -494,10 +494,12 @@ def bench_peer(root: str, quick: bool, device: torch.device, repeats: int) -> di
 
 
 def fixed_step(overrides: list[str], images: torch.Tensor, *, bf16: bool = False, channels_last: bool = False,
-               compile: bool = False, fused: bool | None = None, steps: int = 1, seed: int = 0,
+               compile: bool | str = False, fused: bool | None = None, steps: int = 1, seed: int = 0,
                device: str | torch.device = "cpu") -> dict[str, Any]:
     """Losses of ``steps`` training steps on one fixed batch with fixed views (seeded), one switch set.
 
+    ``compile``: True = ``torch.compile`` (inductor), a string = that ``torch.compile`` backend (e.g.
+    ``"aot_eager"``: the same graph capture and AOT autograd without code generation).
     ``fused``: True = fused optimizer kernel, False = foreach, None = the plain per-parameter loop. Returns
     ``{"losses": [...], "params": flat parameter vector after the steps, "flops": FLOPs of step 1}``.
     """
@@ -524,7 +526,10 @@ def fixed_step(overrides: list[str], images: torch.Tensor, *, bf16: bool = False
     else:
         opt = optim.build_optimizer(name, groups, lr, method.optimizer.momentum, method.optimizer.betas,
                                     fused=bool(fused))
-    model = torch.compile(method) if compile else method
+    if compile:
+        model = torch.compile(method, backend=compile) if isinstance(compile, str) else torch.compile(method)
+    else:
+        model = method
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     with torch.no_grad():
         views = make_views(images.to(device), method.views(), generator=gen)

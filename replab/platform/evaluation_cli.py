@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from replab.config import ConfigError, RunConfig, from_dict
+from replab.methods.base import Method
 from replab.platform import checkpoints, tracking
 from replab.platform.evaluate import evaluate_encoder
 from replab.platform.loop import CHECKPOINT_FILE, build_method, load_checkpoint, use_bf16
@@ -38,14 +40,39 @@ def _checkpoint_for(target: str, cfg: RunConfig) -> tuple[str, str | None]:
     return checkpoints.fetch(found), run.info.run_id
 
 
-def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool = True) -> dict[str, Any]:
-    """kNN / linear-probe accuracy of the encoder in ``target``; logged to its run when there is one."""
-    from replab.platform.train import load_eval_data, resolve_paths
+@dataclass
+class LoadedRun:
+    """A run's trained method restored from its latest checkpoint, with the config to evaluate it under."""
+
+    cfg: RunConfig
+    """The run's own config, with the eval / tracking sections and the data root of the command line."""
+    method: Method
+    device: torch.device
+    folder: str
+    run_id: str | None
+    epoch: int
+    step: int
+
+    def log(self, cli_cfg: RunConfig, results: dict[str, Any]) -> None:
+        """Log the finite float ``results`` to the run's MLflow run as ``eval_cli/<name>`` (no run: nothing)."""
+        if not (self.run_id and cli_cfg.tracking.enabled):
+            return
+        logger = tracking.RunLogger(tracking.resolve_tracking_uri(cli_cfg.tracking.uri), self.run_id)
+        logger.metrics({f"eval_cli/{k.removeprefix('eval/')}": v for k, v in results.items()
+                        if isinstance(v, float) and math.isfinite(v)}, step=self.step)
+
+
+def load_run(target: str, cfg: RunConfig) -> LoadedRun:
+    """The method of ``target`` (a checkpoint folder, run folder, MLflow run id or run name) on the local device.
+
+    The run's model, method, data and resolution are kept; the eval section, tracking and data root come from
+    ``cfg`` (the command line's).
+    """
+    from replab.platform.train import resolve_paths
 
     folder, run_id = _checkpoint_for(target, cfg)
     state = load_checkpoint(folder)
     run_cfg = from_dict(state["config"])
-    # The run's model, method and resolution; the eval section and data root come from the command line.
     run_cfg = replace(run_cfg, eval=cfg.eval, tracking=cfg.tracking,
                       data=replace(run_cfg.data, root=cfg.data.root or run_cfg.data.root))
     run_cfg = resolve_paths(run_cfg)
@@ -53,18 +80,22 @@ def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool 
     method.load_state_dict(state["method"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device)
-    eval_data = load_eval_data(run_cfg)
+    return LoadedRun(run_cfg, method, device, folder, run_id, int(state["epoch"]), int(state["step"]))
+
+
+def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool = True) -> dict[str, Any]:
+    """kNN / linear-probe accuracy of the encoder in ``target``; logged to its run when there is one."""
+    from replab.platform.train import load_eval_data
+
+    run = load_run(target, cfg)
+    eval_data = load_eval_data(run.cfg)
     if eval_data is None:
-        raise ConfigError(f"eval.dataset: {run_cfg.eval.dataset or run_cfg.data.dataset} has no labels to evaluate with")
-    c = run_cfg.eval
+        raise ConfigError(f"eval.dataset: {run.cfg.eval.dataset or run.cfg.data.dataset} has no labels to evaluate with")
+    c = run.cfg.eval
     results = evaluate_encoder(
-        method.encoder, eval_data, run_cfg.data.resolution, device, knn=knn, linear=linear, k=c.knn_k,
+        run.method.encoder, eval_data, run.cfg.data.resolution, run.device, knn=knn, linear=linear, k=c.knn_k,
         temperature=c.knn_temperature, linear_epochs=c.linear_epochs, linear_lr=c.linear_lr,
-        batch_size=c.batch_size, bf16=use_bf16(run_cfg.train.precision, device),
+        batch_size=c.batch_size, bf16=use_bf16(run.cfg.train.precision, run.device),
     )
-    results = {**results, "epoch": int(state["epoch"]), "checkpoint": folder}
-    if run_id and cfg.tracking.enabled:
-        logger = tracking.RunLogger(tracking.resolve_tracking_uri(cfg.tracking.uri), run_id)
-        logger.metrics({f"{k.replace('eval/', 'eval_cli/')}": v for k, v in results.items() if k.startswith("eval/")},
-                       step=int(state["step"]))
-    return results
+    run.log(cfg, results)
+    return {**results, "epoch": run.epoch, "checkpoint": run.folder}

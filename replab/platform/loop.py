@@ -223,7 +223,7 @@ def train_worker(
     if support_spec is not None:
         from replab.platform.semisup import support_sampler
 
-        support_batches = support_sampler(cfg, support_spec, env.rank, env.world_size, device)
+        support_batches = support_sampler(cfg, support_spec, env.rank, env.world_size, device, start_epoch)
     torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start_epoch)  # per-worker augmentation stream
 
     is_chief = env.rank == 0

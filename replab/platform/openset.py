@@ -371,33 +371,16 @@ def openset_report(
 
 def evaluate_openset_target(target: str, cfg, **options: Any) -> dict[str, Any]:
     """:func:`openset_report` for the encoder of a run (MLflow run id or name, run folder, or checkpoint
-    folder), as ``replab eval`` does for kNN / probe; metrics are logged to the run as ``eval_cli/openset/*``.
+    folder): ``replab eval --openset``. Metrics are logged to the run as ``eval_cli/openset/*``.
 
     The run's own data section (dataset, known classes, labeled split) is used; ``cfg`` gives the eval and
     tracking sections and the data root. ``options`` go to :func:`openset_report`.
     """
-    from dataclasses import replace
+    from replab.platform.evaluation_cli import load_run
+    from replab.platform.loop import use_bf16
 
-    from replab.config import from_dict
-    from replab.platform import tracking
-    from replab.platform.evaluation_cli import _checkpoint_for
-    from replab.platform.loop import build_method, load_checkpoint, use_bf16
-    from replab.platform.train import resolve_paths
-
-    folder, run_id = _checkpoint_for(target, cfg)
-    state = load_checkpoint(folder)
-    run_cfg = from_dict(state["config"])
-    run_cfg = replace(run_cfg, eval=cfg.eval, tracking=cfg.tracking,
-                      data=replace(run_cfg.data, root=cfg.data.root or run_cfg.data.root))
-    run_cfg = resolve_paths(run_cfg)
-    method = build_method(run_cfg)
-    method.load_state_dict(state["method"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method.to(device)
-    options.setdefault("bf16", use_bf16(run_cfg.train.precision, device))
-    results: dict[str, Any] = openset_report(run_cfg, method.encoder, device, **options)
-    if run_id and cfg.tracking.enabled:
-        logger = tracking.RunLogger(tracking.resolve_tracking_uri(cfg.tracking.uri), run_id)
-        logger.metrics({f"eval_cli/{k}": v for k, v in results.items() if isinstance(v, float) and math.isfinite(v)},
-                       step=int(state["step"]))
-    return {**results, "epoch": int(state["epoch"]), "checkpoint": folder}
+    run = load_run(target, cfg)
+    options.setdefault("bf16", use_bf16(run.cfg.train.precision, run.device))
+    results: dict[str, Any] = openset_report(run.cfg, run.method.encoder, run.device, **options)
+    run.log(cfg, results)
+    return {**results, "epoch": run.epoch, "checkpoint": run.folder}

@@ -407,10 +407,13 @@ class SupportSampler:
         return self.images[idx], self.labels[idx]
 
 
-def support_sampler(cfg, spec, rank: int, world_size: int, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def support_sampler(cfg, spec, rank: int, world_size: int, device,
+                    start_epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The training loop's support stream for ``spec`` (a SupportSpec): ``(uint8 [S, R, R, 3], int64 [S])``.
 
     Labels are 0..C-1 over ``data.known_classes``. Raises ConfigError when the run has no labeled split.
+    The stream is seeded by (train seed, split seed, rank, ``start_epoch``): a run resumed at epoch e draws a
+    stream of its own instead of replaying the supports of epoch 0 (as the augmentation stream does).
     """
     data = cfg.data
     if not is_semisupervised(data):
@@ -420,6 +423,8 @@ def support_sampler(cfg, spec, rank: int, world_size: int, device) -> Iterator[t
     if len(images) == 0:
         raise ConfigError(f"data.labels_per_class: no labeled images could be decoded from {data.dataset}")
     seed = [int(cfg.train.seed), int(data.split_seed), int(rank), 0x5A9]
+    if start_epoch:
+        seed.append(int(start_epoch))
     return SupportSampler(images, labels, spec.classes_per_step, spec.images_per_class, seed=seed, device=device)
 
 

@@ -47,6 +47,7 @@ without a chance to mark them). SQLite under concurrent writers: every MLflow wr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -1008,55 +1009,8 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     start = time.time()
     interrupted = False
     try:
-        if spec.search is None:
-            jobs = [("grid", {"cell": tune.grid_search([c.id for c in cells])}, None, None, 1, spec.max_concurrent)]
-        else:
-            jobs = []
-            for cell in cells:
-                space = {"cell": cell.id, **{k: _space(d) for k, d in spec.search.space.items()}}
-                jobs.append((f"cell-{cell.id}", space, spec.search.metric, spec.search.mode, spec.search.num_samples,
-                             min(spec.max_concurrent, spec.search.num_samples), cell))
-        for job in jobs:
-            exp_name, space, metric, mode, num_samples, concurrency = job[:6]
-            path = f"{folder}/tune/{exp_name}"
-            if (Path(folder) / "tune" / f"{exp_name}.done").exists():
-                continue
-            if tune.Tuner.can_restore(path):
-                echo(f"  resuming {exp_name} from {path}")
-                tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-            else:
-                scheduler = None
-                search_alg = None
-                if spec.search is not None:
-                    search_alg = _searcher(spec, seed=job[6].index + 1000 * job[6].config.train.seed)
-                if spec.scheduler is not None:
-                    from ray.tune.schedulers import ASHAScheduler
-
-                    # stop_last_trials=False: a trial at its last epoch finishes its run (and its bookkeeping)
-                    scheduler = ASHAScheduler(
-                        time_attr="epoch", metric=metric, mode=mode, grace_period=spec.scheduler.grace_period,
-                        reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False,
-                        max_t=spec.scheduler.max_t or job[6].config.train.epochs)
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space=space,
-                    tune_config=tune.TuneConfig(
-                        num_samples=num_samples, max_concurrent_trials=concurrency, search_alg=search_alg,
-                        scheduler=scheduler, trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
-                        reuse_actors=False,
-                    ),
-                    run_config=tune.RunConfig(
-                        name=exp_name, storage_path=f"{folder}/tune", callbacks=[callback], verbose=1,
-                        failure_config=tune.FailureConfig(max_failures=0),
-                    ),
-                )
-            results = tuner.fit()
-            states = _trial_states(results)
-            if any(s not in ("TERMINATED", "ERROR") for s in states):
-                interrupted = True
-                break
-            if all(s == "TERMINATED" for s in states):
-                (Path(folder) / "tune" / f"{exp_name}.done").touch()
+        with _outside_job_working_dir(folder):
+            interrupted = _fit_tune_jobs(spec, cells, folder, trainable, callback, echo)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -1080,6 +1034,84 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
         except Exception as exc:  # noqa: BLE001 - the sweep itself succeeded; say why there is no report
             echo(f"no scaling report: {type(exc).__name__}: {exc}")
     return result
+
+
+def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, callback, echo) -> bool:
+    """Fit (or restore and finish) the sweep's Tune experiments, one per grid or per searched cell; True when
+    one was interrupted. A finished experiment leaves ``tune/<name>.done`` and is skipped on a re-run."""
+    from ray import tune
+
+    if spec.search is None:
+        jobs = [("grid", {"cell": tune.grid_search([c.id for c in cells])}, None, None, 1, spec.max_concurrent)]
+    else:
+        jobs = []
+        for cell in cells:
+            space = {"cell": cell.id, **{k: _space(d) for k, d in spec.search.space.items()}}
+            jobs.append((f"cell-{cell.id}", space, spec.search.metric, spec.search.mode, spec.search.num_samples,
+                         min(spec.max_concurrent, spec.search.num_samples), cell))
+    for job in jobs:
+        exp_name, space, metric, mode, num_samples, concurrency = job[:6]
+        path = f"{folder}/tune/{exp_name}"
+        if (Path(folder) / "tune" / f"{exp_name}.done").exists():
+            continue
+        if tune.Tuner.can_restore(path):
+            echo(f"  resuming {exp_name} from {path}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            scheduler = None
+            search_alg = None
+            if spec.search is not None:
+                search_alg = _searcher(spec, seed=job[6].index + 1000 * job[6].config.train.seed)
+            if spec.scheduler is not None:
+                from ray.tune.schedulers import ASHAScheduler
+
+                # stop_last_trials=False: a trial at its last epoch finishes its run (and its bookkeeping)
+                scheduler = ASHAScheduler(
+                    time_attr="epoch", metric=metric, mode=mode, grace_period=spec.scheduler.grace_period,
+                    reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False,
+                    max_t=spec.scheduler.max_t or job[6].config.train.epochs)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    num_samples=num_samples, max_concurrent_trials=concurrency, search_alg=search_alg,
+                    scheduler=scheduler, trial_name_creator=_trial_dirname, trial_dirname_creator=_trial_dirname,
+                    reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name=exp_name, storage_path=f"{folder}/tune", callbacks=[callback], verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        results = tuner.fit()
+        states = _trial_states(results)
+        if any(s not in ("TERMINATED", "ERROR") for s in states):
+            return True
+        if all(s == "TERMINATED" for s in states):
+            (Path(folder) / "tune" / f"{exp_name}.done").touch()
+    return False
+
+
+@contextlib.contextmanager
+def _outside_job_working_dir(folder: str):
+    """Run Tune from the sweep's own folder rather than from wherever the driver started; restore the old cwd
+    after if it still exists.
+
+    Tune's result analysis calls ``os.getcwd()``. Under ``ray job submit`` the driver starts in the job's unpacked
+    ``--working-dir`` package, which Ray shares between jobs with the same content and may delete when an earlier,
+    stopped job with that package releases it: a re-submitted sweep then loses its cwd halfway. Every path replab
+    hands to Ray is absolute by now (:func:`replab.platform.train.resolve_paths`), so the cwd is free to change.
+    """
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:
+        before = None
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        if before is not None and os.path.isdir(before):
+            os.chdir(before)
 
 
 def _trial_states(results) -> list[str]:
