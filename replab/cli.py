@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="", help="data root (default: $REPLAB_DATA_ROOT)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; quick: 1)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per timed epoch in the step / Ray sections (default 3, quick 2)")
     return parser
 
 
@@ -190,7 +192,7 @@ def cmd_bench(args) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     result = bench.run_bench(quick=args.quick, only=only, out=args.out, root=args.root, repeats=args.repeats,
-                             threads=args.threads)
+                             threads=args.threads, steps=args.steps)
     print(bench.table(result))
     if args.out:
         print(f"results written to {args.out}")

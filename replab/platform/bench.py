@@ -382,10 +382,11 @@ def _ray_run(overrides: list[str], root: str, n: int, use_gpu: bool) -> tuple[fl
     return result.metrics["train/epoch_images_per_sec"], mem.peak
 
 
-def bench_step(root: str, quick: bool, use_ray: bool, device: torch.device, repeats: int) -> dict[str, Any]:
+def bench_step(root: str, quick: bool, use_ray: bool, device: torch.device, repeats: int,
+               steps: int | None = None) -> dict[str, Any]:
     from replab.platform.data import load_arrays
 
-    ov = step_overrides(quick)
+    ov = step_overrides(quick, steps=steps)
     batch = int(next(o for o in ov if o.startswith("train.batch_size=")).split("=")[1])
     steps = int(next(o for o in ov if o.startswith("train.steps_per_epoch=")).split("=")[1])
     n = batch * steps
@@ -670,20 +671,22 @@ def bench_gpu(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 def run_bench(quick: bool = False, only: list[str] | None = None, out: str | None = None, root: str = "",
-              repeats: int | None = None, device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+              repeats: int | None = None, device: str | None = None, threads: int | None = None,
+              steps: int | None = None) -> dict[str, Any]:
     """Run the chosen sections; ``threads`` sets torch's intra-op threads in this process for the run
     (default: torch's own choice, 1 with ``quick``: on a shared, oversubscribed CPU OpenMP spin-waits make
-    2 threads several times slower than 1)."""
+    2 threads several times slower than 1). ``steps``: steps per timed epoch of the step / Ray cases (more
+    steps amortise the per-epoch start of the input stream, as a real epoch does)."""
     previous_threads = torch.get_num_threads()
     if threads or quick:
         torch.set_num_threads(threads or 1)
     try:
-        return _run(quick, only, out, root, repeats, device)
+        return _run(quick, only, out, root, repeats, device, steps)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(quick, only, out, root, repeats, device) -> dict[str, Any]:
+def _run(quick, only, out, root, repeats, device, steps=None) -> dict[str, Any]:
     chosen = list(only) if only else [s for s in SECTIONS if not (quick and s == "ray")]
     bad = [s for s in chosen if s not in SECTIONS]
     if bad:
@@ -705,7 +708,7 @@ def _run(quick, only, out, root, repeats, device) -> dict[str, Any]:
     jobs = {
         "data": lambda: bench_data(root, quick, use_ray, reps),
         "augment": lambda: bench_augment(root, quick, dev, reps),
-        "step": lambda: bench_step(root, quick, use_ray, dev, reps),
+        "step": lambda: bench_step(root, quick, use_ray, dev, reps, steps),
         "peer": lambda: bench_peer(root, quick, dev, reps),
         "gpu": lambda: bench_gpu(quick, reps),
     }
