@@ -47,7 +47,7 @@ class DataConfig:
     cache: Literal["auto", "on", "off"] = "auto"
     """Keep decoded images in the Ray object store (``auto``: when they fit in a quarter of it)."""
     shuffle_buffer: int = 8192
-    """Rows in the trainer-side shuffle buffer used when the corpus is streamed (not cached)."""
+    """Rows in the trainer-side shuffle buffer that mixes the streamed (or cached) blocks; 0: none."""
     decode_batch_size: int = 256
     download: bool = False
     """Download and convert a missing named dataset (needs a network)."""

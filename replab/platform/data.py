@@ -37,8 +37,9 @@ Pipeline (:func:`build_train_dataset`)
     flight) and additionally mixed by the trainer-side local shuffle buffer (``TrainData.shuffle_buffer``).
 
     ``data.cache``: ``on``, or ``auto`` when the decoded corpus is under 25% of the object store, decodes
-    once, ``materialize()`` s and ``random_shuffle`` s globally every epoch (seeded per execution); the
-    shuffle buffer is then not needed (``shuffle_buffer`` is None).
+    once and ``materialize()`` s; every epoch then draws a new block order (``randomize_block_order``, seeded
+    per execution) and the trainer-side shuffle buffer mixes rows across blocks, so the first batch comes
+    without waiting for an all-to-all shuffle.
 
 Skipped images
     Bad rows are dropped inside the decode function (never an exception: ``max_errored_blocks`` is 0) and
@@ -989,7 +990,7 @@ class TrainData:
     num_rows: int
     """Rows after ``limit``, before skipped ones."""
     shuffle_buffer: int | None
-    """Pass to ``iter_torch_batches(local_shuffle_buffer_size=...)`` (None when cached + globally shuffled);
+    """Pass to ``iter_torch_batches(local_shuffle_buffer_size=...)`` (None: ``data.shuffle_buffer=0``);
     it must be >= 2x the per-worker batch size (see :meth:`local_shuffle_buffer`)."""
     counter_name: str
     cached: bool
@@ -999,7 +1000,7 @@ class TrainData:
     resolution: int = 32
 
     def local_shuffle_buffer(self, batch_size: int) -> int | None:
-        """``shuffle_buffer`` raised to at least ``2 * batch_size`` (per-worker batch), or None when cached.
+        """``shuffle_buffer`` raised to at least ``2 * batch_size`` (per-worker batch), or None without one.
 
         Ray 2.60's local shuffle buffer yields a short batch mid-epoch, even with ``drop_last=True``, when
         ``local_shuffle_buffer_size < 2 * batch_size`` (its compaction threshold is half the buffer): always
@@ -1106,11 +1107,12 @@ def build_train_dataset(cfg, *, window_bytes: int | None = None) -> TrainData:
     )
     cached = should_cache(cfg.cache, plan.num_rows, int(cfg.resolution))
     if cached:
+        # The materialised blocks already hold rows permuted within each shuffle window; a new block order per
+        # epoch plus the trainer-side buffer streams from the first batch on, where a global random_shuffle is
+        # an all-to-all barrier that took ~15% of a short epoch (docs/BENCHMARKS.md, Ray overhead).
         ds = ds.materialize()
-        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=int(cfg.seed), reseed_after_execution=True))
-        buffer = None
-    else:
-        buffer = int(cfg.shuffle_buffer) if cfg.shuffle_buffer and cfg.shuffle_buffer > 0 else None
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=int(cfg.seed), reseed_after_execution=True))
+    buffer = int(cfg.shuffle_buffer) if cfg.shuffle_buffer and cfg.shuffle_buffer > 0 else None
     return TrainData(
         dataset=ds,
         num_rows=plan.num_rows,

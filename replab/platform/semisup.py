@@ -617,6 +617,8 @@ def build_unlabeled_dataset(data, *, window_bytes: int | None = None):
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     cached = data_lib.should_cache(data.cache, num_rows, int(data.resolution))
     if cached:
+        # A global shuffle (not block order + buffer as in data.build_train_dataset): every batch of a mixed
+        # pool then holds each source in its proportion, not runs of single-source blocks.
         ds = ds.materialize()
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=int(data.seed), reseed_after_execution=True))
         buffer = None
