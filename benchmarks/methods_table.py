@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from replab.config import load_config
 from replab.methods import registry
 from replab.platform.data import load_arrays

@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from replab.config import load_config
 from replab.platform import semisup
 from replab.platform.loop import LocalEnv, train_worker
@@ -37,12 +35,6 @@ from replab.platform.openset import evaluate_openset_target
 
 KNOWN = [2, 3, 4, 5, 6, 7]
 SEMI_SUPERVISED = {"paws", "ropaws"}
-# Every method gets the same projection width; the semi-supervised ones a support set sized to the label budget.
-METHOD_SETTINGS = {
-    "simclr": ["method.proj_hidden_dim=512"],
-    "paws": ["method.proj_hidden_dim=512"],
-    "ropaws": ["method.proj_hidden_dim=512"],
-}
 REPORTED = ["snn_top1", "auroc", "ood_auroc", "ft_top1", "ft_auroc", "ft_ood_auroc"]
 
 
@@ -54,13 +46,13 @@ def run_config(method: str, ratio: str, seed: int, args) -> list[str]:
         f"train.batch_size={args.batch_size}", f"train.warmup_epochs={args.warmup_epochs}", "train.log_every=1000000",
         "train.checkpoint_every=0", "eval.knn=false", "eval.linear=false", "eval.before_training=false",
         f"eval.test_limit={args.test_limit}", "tracking.enabled=false",
+        "method.proj_hidden_dim=512",  # the same projector width for every method
     ]
     if ratio != "natural":
         overrides += [f"data.ood_fraction={float(ratio)}", f"data.unlabeled_size={args.pool}"]
     else:  # the protocol's pool: a random subset of CIFAR-10 train (all 10 classes) minus the labeled images
         overrides += [f"data.limit={args.pool}"]
-    overrides += METHOD_SETTINGS.get(method, [])
-    if method in SEMI_SUPERVISED:
+    if method in SEMI_SUPERVISED:  # a support set sized to the label budget
         overrides += [f"method.support_images_per_class={args.support_per_class}",
                       f"method.n_local_crops={args.local_crops}"]
     return overrides
@@ -77,7 +69,7 @@ def one_run(method: str, ratio: str, seed: int, args) -> dict:
     finetune_epochs = args.finetune_epochs if method not in SEMI_SUPERVISED else 0
     metrics = evaluate_openset_target(env.latest_checkpoint(), cfg, finetune_epochs=finetune_epochs,
                                       ood_dataset="tinyimagenet", ood_split="val", ood_limit=args.test_limit)
-    row = {
+    return {
         "method": method, "ratio": ratio, "seed": seed, "pool": len(pool.images),
         "pool_out_of_class": float(1 - pool.in_class.mean()), "steps": result.steps,
         "train_s": round(train_s, 1), "images_per_sec": env.reports[-1]["train/epoch_images_per_sec"],
@@ -86,7 +78,6 @@ def one_run(method: str, ratio: str, seed: int, args) -> dict:
         "ood_auroc": metrics.get("openset/ood_auroc"), "ft_top1": metrics.get("finetune/top1"),
         "ft_auroc": metrics.get("finetune/auroc_msp"), "ft_ood_auroc": metrics.get("finetune/ood_auroc_msp"),
     }
-    return row
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -115,7 +106,8 @@ def markdown(summary: list[dict]) -> str:
     lines = ["| out-of-class ratio | method | seeds | SNN top-1 (known) | AUROC known/unknown | AUROC vs TIN val | "
              "fine-tuned top-1 | fine-tuned AUROC | fine-tuned AUROC vs TIN |", "|---|---|---|---|---|---|---|---|---|"]
     for e in summary:
-        lines.append(f"| {e['ratio']} | {e['method']} | {e['seeds']} | " + " | ".join(cell(e, k) for k in REPORTED) + " |")
+        figures = " | ".join(cell(e, k) for k in REPORTED)
+        lines.append(f"| {e['ratio']} | {e['method']} | {e['seeds']} | {figures} |")
     return "\n".join(lines)
 
 
@@ -159,5 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     sys.exit(main())

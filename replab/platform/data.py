@@ -1069,6 +1069,22 @@ def _plan_for(cfg, split: str | None = None) -> tuple[Source, _Index, _Plan]:
     return src, index, _Plan.build(index, selected)
 
 
+def epoch_stream(ds, *, cached: bool, seed: int, shuffle_buffer: int) -> tuple[Any, int | None]:
+    """The dataset every epoch iterates, and the trainer-side shuffle buffer (None: ``shuffle_buffer`` <= 0).
+
+    Cached: ``materialize()`` once, then a new block order per epoch (``randomize_block_order`` reseeded per
+    execution) and the buffer mixes rows across blocks. Not a global ``random_shuffle``: that is an all-to-all
+    barrier before every epoch's first batch, ~15% of a short epoch (docs/BENCHMARKS.md, Ray overhead).
+    Streamed: rows are already permuted within each read window; the buffer mixes across windows.
+    """
+    if cached:
+        from ray.data import RandomSeedConfig
+
+        ds = ds.materialize()
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds, (int(shuffle_buffer) if shuffle_buffer and shuffle_buffer > 0 else None)
+
+
 def build_train_dataset(cfg, *, window_bytes: int | None = None) -> TrainData:
     """The training ``ray.data.Dataset`` for ``cfg`` (a :class:`replab.config.DataConfig`).
 
@@ -1085,7 +1101,6 @@ def build_train_dataset(cfg, *, window_bytes: int | None = None) -> TrainData:
         metrics["data/skipped"] = skipped_count(td.counter_name)   # or td.skipped()
     """
     import ray
-    from ray.data import RandomSeedConfig
 
     src, index, plan = _plan_for(cfg)
     if plan.num_rows == 0:
@@ -1106,13 +1121,7 @@ def build_train_dataset(cfg, *, window_bytes: int | None = None) -> TrainData:
         fn_kwargs={"resolution": int(cfg.resolution), "counter": counter},
     )
     cached = should_cache(cfg.cache, plan.num_rows, int(cfg.resolution))
-    if cached:
-        # The materialised blocks already hold rows permuted within each shuffle window; a new block order per
-        # epoch plus the trainer-side buffer streams from the first batch on, where a global random_shuffle is
-        # an all-to-all barrier that took ~15% of a short epoch (docs/BENCHMARKS.md, Ray overhead).
-        ds = ds.materialize()
-        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=int(cfg.seed), reseed_after_execution=True))
-    buffer = int(cfg.shuffle_buffer) if cfg.shuffle_buffer and cfg.shuffle_buffer > 0 else None
+    ds, buffer = epoch_stream(ds, cached=cached, seed=int(cfg.seed), shuffle_buffer=cfg.shuffle_buffer)
     return TrainData(
         dataset=ds,
         num_rows=plan.num_rows,

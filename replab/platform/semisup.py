@@ -584,14 +584,13 @@ def build_unlabeled_dataset(data, *, window_bytes: int | None = None):
     """The unlabeled pool as a :class:`replab.platform.data.TrainData` (``ray.data.Dataset`` of ``image`` +
     ``label`` = -1): one read per source (the data layer's shuffle windows over the selected rows), unioned.
 
-    Cached pools (``data.cache``) are shuffled globally every epoch, so every batch mixes the sources in
-    their proportions; streamed pools (not cached) rely on block-order randomisation and the trainer-side
-    shuffle buffer, so keep mixed pools cached (``data.cache: on``) where they fit.
+    The sources' blocks are interleaved in a random order and the trainer-side shuffle buffer
+    (``data.shuffle_buffer`` rows, default 8192 = 32 blocks of 256) mixes them, so each batch holds the sources
+    close to their proportions; cached pools draw a new block order every epoch (:func:`data.epoch_stream`).
     """
     import uuid
 
     import ray
-    from ray.data import RandomSeedConfig
 
     sources = pool_manifest(data)
     if not ray.is_initialized():
@@ -616,16 +615,9 @@ def build_unlabeled_dataset(data, *, window_bytes: int | None = None):
         parts.append(ds)
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     cached = data_lib.should_cache(data.cache, num_rows, int(data.resolution))
-    if cached:
-        # A global shuffle (not block order + buffer as in data.build_train_dataset): every batch of a mixed
-        # pool then holds each source in its proportion, not runs of single-source blocks.
-        ds = ds.materialize()
-        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=int(data.seed), reseed_after_execution=True))
-        buffer = None
-    else:
-        if len(parts) > 1:
-            ds = ds.randomize_block_order(seed=int(data.seed))
-        buffer = int(data.shuffle_buffer) if data.shuffle_buffer and data.shuffle_buffer > 0 else None
+    if len(parts) > 1 and not cached:  # interleave the sources' blocks (epoch_stream does it when cached)
+        ds = ds.randomize_block_order(seed=int(data.seed))
+    ds, buffer = data_lib.epoch_stream(ds, cached=cached, seed=int(data.seed), shuffle_buffer=data.shuffle_buffer)
     known = None
     if is_semisupervised(data):
         known = labeled_split(data).known_classes
