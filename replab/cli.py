@@ -83,12 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="throughput of data, augmentation, training step (, Ray, GPU) side by side")
     p.add_argument("--quick", action="store_true", help="small sizes, no Ray (a CI smoke run, < 1 min)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--only", default="", help="comma list of data,augment,step,peer,gpu,ray (default: all)")
+    p.add_argument("--only", default="", help="comma list of data,augment,step,peer,gpu,epoch,ray (default: all)")
     p.add_argument("--root", default="", help="data root (default: $REPLAB_DATA_ROOT)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's; quick: 1)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed epoch in the step / Ray sections (default 3, quick 2)")
+    p.add_argument("--device", default=None,
+                   help="cuda or cpu (default: cuda when available); --device cpu runs the gpu section on the CPU")
+    p.add_argument("--models", default="", help="comma list of the gpu section's models (default: all)")
     return parser
 
 
@@ -191,8 +194,9 @@ def cmd_bench(args) -> int:
     from replab.platform import bench
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
+    models = [m.strip() for m in args.models.split(",") if m.strip()] or None
     result = bench.run_bench(quick=args.quick, only=only, out=args.out, root=args.root, repeats=args.repeats,
-                             threads=args.threads, steps=args.steps)
+                             threads=args.threads, steps=args.steps, device=args.device, models=models)
     print(bench.table(result))
     if args.out:
         print(f"results written to {args.out}")

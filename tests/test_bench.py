@@ -48,7 +48,7 @@ def test_quick_bench_writes_json_with_every_section(data_root, tmp_path, monkeyp
     assert main(["bench", "--quick", "--out", str(out)]) == 0
     assert torch.get_num_threads() == threads  # restored
     result = json.loads(out.read_text())
-    assert {"meta", "data", "augment", "step", "peer", "gpu"} <= set(result)
+    assert {"meta", "data", "augment", "step", "peer", "gpu", "epoch"} <= set(result)
     assert result["meta"]["quick"] is True and result["meta"]["cores"] >= 1
     for name in ("cifar10", "imagenette128"):
         rates = result["data"][name]["images_per_sec_per_core"]
@@ -73,9 +73,11 @@ def test_quick_bench_writes_json_with_every_section(data_root, tmp_path, monkeyp
     assert "replab_make_views" in bench.table(result)
 
 
-def test_bad_section_is_refused():
-    with pytest.raises(ValueError, match="not valid"):
+def test_bad_section_or_model_is_refused():
+    with pytest.raises(ValueError, match="--only: nope not valid"):
         bench.run_bench(only=["nope"])
+    with pytest.raises(ValueError, match="--models: resnet7 not valid; choose from simclr_resnet18_32px"):
+        bench.run_bench(only=["gpu"], models=["resnet7"])
 
 
 def test_views_are_fixed_by_the_seed(fixed_images, plain):
@@ -134,3 +136,41 @@ def test_compiled_step_matches_eager(fixed_images, plain, backend):
     # inductor reorders float sums: after 2 steps the parameters differed by 5e-4 in relative norm (measured)
     drift = float((got["params"] - plain["params"]).norm() / plain["params"].norm())
     assert drift < 5e-3
+
+
+def test_gpu_section_measures_every_switch_set_on_a_small_model(monkeypatch):
+    """The GPU section's own code, run on the CPU with a tiny MAE so a lent GPU's minutes go to figures."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    tiny_mae = (["method.name=mae", "model.backbone=vit_tiny", "model.patch_size=8", "data.resolution=32"], 4)
+    partial = []
+    got = bench.bench_gpu(True, 1, device=torch.device("cpu"), models={"tiny_mae": tiny_mae},
+                          on_update=lambda r: partial.append(json.loads(json.dumps(r, default=str))))
+    entry = got["tiny_mae"]
+    assert set(entry["images_per_sec"]) == set(bench.GPU_VARIANTS)
+    assert all(v["median"] > 0 for v in entry["images_per_sec"].values())
+    assert entry["flops_per_step"] > 0 and all(0 < m for m in entry["mfu"].values())
+    assert entry["speedup_compile"] > 0 and partial and "tiny_mae" in partial[-1]
+    assert "gpu.tiny_mae.mfu.all_on" in bench.table({"gpu": got})
+
+
+def test_every_gpu_model_config_builds():
+    from replab.config import load_config
+    from replab.platform.loop import build_method
+
+    for overrides, batch in bench.GPU_MODELS.values():
+        method = build_method(load_config(None, overrides + [f"train.batch_size={batch}"]))
+        assert sum(p.numel() for p in method.parameters()) > 1e6
+
+
+def test_epoch_section_times_the_second_epoch(data_root, monkeypatch):
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    got = bench.bench_epoch(str(data_root), True, torch.device("cpu"), overrides=TINY, limit=48)
+    assert got["images"] == 48
+    for name in ("eager", "compiled"):
+        assert got[name]["epoch_time_s"] > 0 and got[name]["images_per_sec"] > 0
+        assert got[name]["gpu_busy_percent"] is None and got[name]["busy_error"] == "not a CUDA device"
+    assert "needs a GPU" in bench.bench_epoch(str(data_root), True, torch.device("cpu"))["skipped"]

@@ -92,3 +92,45 @@ def test_foundation_methods_lower_their_loss(cifar, method, tmp_path):
     train_worker(cfg, env, num_rows=len(images))
     losses = [r["train/epoch_loss"] for r in env.reports]
     assert losses[-1] < losses[0], losses
+
+
+def _numbered(n: int, fail_at: int | None = None):
+    for i in range(n):
+        if i == fail_at:
+            raise OSError(f"shard {i} unreadable")
+        yield {"image": torch.full((2, 4, 4, 3), i, dtype=torch.uint8), "label": torch.tensor([i, i])}
+
+
+def test_prefetched_batches_keep_order_and_reraise_errors():
+    from replab.platform.loop import prefetched
+
+    got = [int(b["label"][0]) for b in prefetched(_numbered(7), depth=2)]
+    assert got == list(range(7))
+    seen = []
+    with pytest.raises(OSError, match="shard 3 unreadable"):
+        for b in prefetched(_numbered(7, fail_at=3), depth=2):
+            seen.append(int(b["label"][0]))
+    assert seen == [0, 1, 2]
+
+
+def test_prefetch_thread_stops_when_the_loop_leaves_early():
+    import threading
+
+    from replab.platform.loop import prefetched
+
+    stream = prefetched(_numbered(1000), depth=2)
+    assert int(next(stream)["label"][0]) == 0
+    stream.close()  # what `break` out of the epoch does
+    assert not [t for t in threading.enumerate() if t.name == "replab-prefetch"]
+
+
+def test_prefetching_env_trains_the_same_steps(cifar, tmp_path):
+    images, labels = cifar
+    cfg = load_config(None, TINY + ["train.epochs=1", "train.steps_per_epoch=3", "eval.knn=false",
+                                    "eval.linear=false"])
+    losses = {}
+    for depth in (0, 2):
+        env = LocalEnv(images, labels, tmp_path / f"p{depth}", prefetch=depth)
+        train_worker(cfg, env, num_rows=len(images))
+        losses[depth] = env.reports[-1]["train/epoch_loss"]
+    assert losses[2] == losses[0]  # same batches in the same order, only gathered ahead

@@ -17,8 +17,10 @@ Sections (``--only`` picks some; ``ray`` adds the Ray halves of ``data`` and ``s
   (per-image transforms in DataLoader workers + the same ResNet-18 CIFAR-stem model + NT-Xent). Uses the
   real ``lightly`` transforms and loss when importable, else a torchvision re-creation of them.
 - ``gpu``: on CUDA only: MFU (FlopCounterMode FLOPs of one step over the measured bf16 matmul rate) and
-  images/s for ResNet-18@32, ResNet-50@224, ViT-S/16@224 (MAE, DINO) with bf16 / channels_last / compile /
-  fused optimizer each switched off in turn.
+  images/s for ResNet-18@32, ResNet-50@224, ViT-S/16@224 (MAE, DINO) and ViT-B/16@224 (MAE) with bf16 /
+  channels_last / fused optimizer each switched off in turn, all off, and compiled.
+- ``epoch``: on CUDA only: whole CIFAR-10 epochs of SimCLR ResNet-18 at batch 512 through the direct loop
+  (eager and compiled): seconds per epoch and the GPU's busy % over the timed epoch (NVML).
 
 Compared configurations are always measured interleaved (A, B, A, B, ...) in the same process, and medians
 of the repeats are reported; ratios are of medians.
@@ -43,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-SECTIONS = ("data", "augment", "step", "peer", "gpu", "ray")
+SECTIONS = ("data", "augment", "step", "peer", "gpu", "epoch", "ray")
 
 
 # ================================================================================================ helpers
@@ -445,10 +447,17 @@ def lightly_baseline(size: int) -> tuple[Callable, Callable[[torch.Tensor, torch
 
 
 def bench_peer(root: str, quick: bool, device: torch.device, repeats: int) -> dict[str, Any]:
-    """replab's loop vs lightly's SimCLR example pipeline on the same model, batch and images."""
+    """replab's loop vs lightly's SimCLR example pipeline on the same model, batch and images.
+
+    The baseline runs as lightly's example is written (fp32, contiguous tensors); where replab's default
+    precision picks bf16 (a GPU, or a CPU with native bf16), a second baseline adds bf16 autocast and
+    channels_last to lightly's loop by hand, so the table shows how much of the gap is the data path
+    (batched views on the trainer's device vs per-image transforms in workers) and how much the precision.
+    """
     from replab.config import load_config
     from replab.platform.data import load_arrays
-    from replab.platform.loop import build_method, optimizer_settings
+    from replab.platform.evaluate import autocast_context
+    from replab.platform.loop import build_method, optimizer_settings, use_bf16
 
     batch = 64 if quick else 256
     steps = 2
@@ -458,37 +467,53 @@ def bench_peer(root: str, quick: bool, device: torch.device, repeats: int) -> di
     transform, loss_fn, baseline = lightly_baseline(32)
     loader = _loader(PILViews(images, labels, transform, multi=True), batch, cores())
     cfg = load_config(None, ov)
+    replab_bf16 = use_bf16(cfg.train.precision, device)
 
-    def lightly_style():
-        torch.manual_seed(0)
-        method = build_method(cfg).to(device)
-        _, lr, wd = optimizer_settings(cfg, method)
-        opt = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-        times = []
-        for epoch in range(2):  # epoch 1 warms up, epoch 2 is timed, as in train_worker
-            t = time.perf_counter()
-            for views, _ in loader:
-                x0, x1 = views[0].to(device), views[1].to(device)
-                z0 = method.projector(method.backbone(x0))
-                z1 = method.projector(method.backbone(x1))
-                loss = loss_fn(z0, z1)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-            loss.item()
-            times.append(time.perf_counter() - t)
-        return steps * batch / times[-1]
+    def lightly_style(bf16_channels_last: bool):
+        def run():
+            torch.manual_seed(0)
+            method = build_method(cfg).to(device)
+            if bf16_channels_last:
+                method = method.to(memory_format=torch.channels_last)
+            _, lr, wd = optimizer_settings(cfg, method)
+            opt = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+            times = []
+            for epoch in range(2):  # epoch 1 warms up, epoch 2 is timed, as in train_worker
+                t = time.perf_counter()
+                for views, _ in loader:
+                    x0, x1 = views[0].to(device), views[1].to(device)
+                    if bf16_channels_last:
+                        x0, x1 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, x1))
+                    with autocast_context(device, bf16_channels_last):
+                        z0 = method.projector(method.backbone(x0))
+                        z1 = method.projector(method.backbone(x1))
+                        loss = loss_fn(z0, z1)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                loss.item()
+                times.append(time.perf_counter() - t)
+            return steps * batch / times[-1]
+        return run
 
     def replab_loop():
         rate, _ = _direct_run(ov, images, labels, device)
         return rate
 
-    rates = interleaved({"replab": replab_loop, "lightly_style": lightly_style}, repeats)
+    cases = {"replab": replab_loop, "lightly_style": lightly_style(False)}
+    if replab_bf16:
+        cases["lightly_style_bf16_channels_last"] = lightly_style(True)
+    rates = interleaved(cases, repeats)
     del loader
     r = ratio(rates["replab"]["median"], rates["lightly_style"]["median"])
-    return {"baseline": baseline, "config": ov, "batch": batch, "steps_timed": steps, "device": str(device),
-            "dataloader_workers": cores(), "images_per_sec": rates, "ratio_replab_over_lightly_style": r,
-            "target_ratio": 1.5, "meets_target": bool(r is not None and r >= 1.5)}
+    out = {"baseline": baseline, "config": ov, "batch": batch, "steps_timed": steps, "device": str(device),
+           "replab_precision": "bf16 autocast + channels_last" if replab_bf16 else "fp32 + channels_last",
+           "dataloader_workers": cores(), "images_per_sec": rates, "ratio_replab_over_lightly_style": r,
+           "target_ratio": 1.5, "meets_target": bool(r is not None and r >= 1.5)}
+    if replab_bf16:
+        out["ratio_replab_over_lightly_style_bf16_channels_last"] = ratio(
+            rates["replab"]["median"], rates["lightly_style_bf16_channels_last"]["median"])
+    return out
 
 
 # ================================================================================================ step switches
@@ -571,8 +596,11 @@ def matmul_peak_flops(device: torch.device, dtype=torch.bfloat16, n: int = 8192,
     return 2 * n**3 * iters / (time.perf_counter() - t)
 
 
-GPU_MODELS = {
-    "simclr_resnet18_32px": (["method.name=simclr", "model.backbone=resnet18", "data.resolution=32"], 512),
+GPU_MODELS = {  # the issue's targets first: a run stopped by its time limit keeps them
+    "simclr_resnet18_32px": (["method.name=simclr", "model.backbone=resnet18", "model.cifar_stem=on",
+                              "data.resolution=32"], 512),
+    "mae_vit_base16_224px": (["method.name=mae", "model.backbone=vit_base", "model.patch_size=16",
+                              "data.resolution=224"], 128),
     "simclr_resnet50_224px": (["method.name=simclr", "model.backbone=resnet50", "data.resolution=224"], 128),
     "mae_vit_small16_224px": (["method.name=mae", "model.backbone=vit_small", "model.patch_size=16",
                                "data.resolution=224"], 128),
@@ -580,6 +608,17 @@ GPU_MODELS = {
                                 "data.resolution=224"], 64),
 }
 SWITCHES = ("bf16", "channels_last", "compile", "fused")
+EAGER_ON = {"bf16": True, "channels_last": True, "compile": False, "fused": True}
+GPU_VARIANTS = {
+    "all_on": {**EAGER_ON, "compile": True},
+    "eager": EAGER_ON,  # = all_on with compile off
+    "no_bf16": {**EAGER_ON, "bf16": False},
+    "no_channels_last": {**EAGER_ON, "channels_last": False},
+    "no_fused": {**EAGER_ON, "fused": False},
+    "all_off": dict.fromkeys(SWITCHES, False),
+}
+"""Each switch off in turn from the eager all-on set (compile is measured once, as all_on vs eager: every
+compiled variant costs a compile of tens of seconds per model)."""
 
 
 def _gpu_rate(overrides, batch, device, switches: dict[str, bool], steps: int) -> tuple[float, float]:
@@ -592,12 +631,15 @@ def _gpu_rate(overrides, batch, device, switches: dict[str, bool], steps: int) -
 
     cfg = load_config(None, overrides + [f"train.batch_size={batch}"])
     res = cfg.data.resolution
+    torch.manual_seed(0)
     method = build_method(cfg).to(device)
     if switches["channels_last"]:
         method = method.to(memory_format=torch.channels_last)
     name, lr, wd = optimizer_settings(cfg, method)
     opt = optim.build_optimizer(name, method.parameter_groups(wd), lr, method.optimizer.momentum,
                                 method.optimizer.betas, fused=switches["fused"])
+    if switches["compile"]:
+        torch._dynamo.reset()  # a fresh model each case: without this Dynamo recompiles until its cache limit
     model = torch.compile(method) if switches["compile"] else method
     images = torch.randint(0, 256, (batch, res, res, 3), dtype=torch.uint8, device=device)
     specs = method.views()
@@ -605,12 +647,12 @@ def _gpu_rate(overrides, batch, device, switches: dict[str, bool], steps: int) -
 
     def one(count_flops=False):
         nonlocal flops
+        from torch.utils.flop_counter import FlopCounterMode
+
         with torch.no_grad():
             views = make_views(images, specs)
             if switches["channels_last"]:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        from torch.utils.flop_counter import FlopCounterMode
-
         ctx = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
         with ctx:
             with autocast_context(device, switches["bf16"]):
@@ -634,36 +676,131 @@ def _gpu_rate(overrides, batch, device, switches: dict[str, bool], steps: int) -
     return steps * batch / (time.perf_counter() - t), flops
 
 
-def bench_gpu(quick: bool, repeats: int) -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"skipped": "no GPU: torch.cuda.is_available() is False; MFU and GPU images/s not measured"}
-    device = torch.device("cuda")
-    peak = matmul_peak_flops(device)
-    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "bf16_matmul_tflops": round(peak / 1e12, 1),
-                           "variants": "all switches on, then each switched off in turn, then all off"}
-    variants = {"all_on": dict.fromkeys(SWITCHES, True)}
-    for s in SWITCHES:
-        variants[f"no_{s}"] = {**dict.fromkeys(SWITCHES, True), s: False}
-    variants["all_off"] = dict.fromkeys(SWITCHES, False)
+def bench_gpu(quick: bool, repeats: int, device: torch.device | None = None, models: dict | None = None,
+              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """MFU and images/s per model and switch set; ``on_update`` gets the partial result after each model
+    (a long run on a lent GPU keeps what it measured if it is stopped). ``device``/``models`` let the tests
+    run the same code on the CPU with small models."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return {"skipped": "no GPU: torch.cuda.is_available() is False; MFU and GPU images/s not measured"}
+        device = torch.device("cuda")
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+    peak = matmul_peak_flops(device, n=8192 if on_gpu else 512, iters=20 if on_gpu else 2)
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if on_gpu else str(device),
+        "bf16_matmul_tflops": round(peak / 1e12, 3), "variants": dict(GPU_VARIANTS),
+        "mfu_definition": "FlopCounterMode FLOPs of one eager step (forward + backward) x steps/s / bf16 matmul rate",
+    }
     steps = 5 if quick else 20
-    for name, (ov, batch) in GPU_MODELS.items():
+    for name, (ov, batch) in (models or GPU_MODELS).items():
         flops_per_step: dict[str, float] = {}
+        peak_mib: dict[str, float] = {}
 
-        def case(sw, key):
+        def case(sw, key, ov=ov, batch=batch, flops_per_step=flops_per_step, peak_mib=peak_mib):
             def run():
+                if on_gpu:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
                 rate, flops = _gpu_rate(ov, batch, device, sw, steps)
                 if flops:
                     flops_per_step[key] = flops
+                if on_gpu:
+                    peak_mib[key] = max(peak_mib.get(key, 0.0), _mib(torch.cuda.max_memory_allocated()))
                 return rate
             return run
 
-        rates = interleaved({k: case(sw, k) for k, sw in variants.items()}, repeats)
-        flops = flops_per_step.get("no_compile") or flops_per_step.get("all_off") or 0.0
-        entry = {"batch": batch, "images_per_sec": rates, "flops_per_step": flops}
+        rates = interleaved({k: case(sw, k) for k, sw in GPU_VARIANTS.items()}, repeats)
+        flops = flops_per_step.get("eager") or flops_per_step.get("all_off") or 0.0
+        entry = {"batch": batch, "images_per_sec": rates, "flops_per_step": flops, "peak_memory_mib": peak_mib}
         entry["mfu"] = {k: round(flops * (v["median"] / batch) / peak, 4) for k, v in rates.items()} if flops else None
         entry["speedup_all_on_over_all_off"] = ratio(rates["all_on"]["median"], rates["all_off"]["median"])
-        torch.cuda.reset_peak_memory_stats()
+        entry["speedup_compile"] = ratio(rates["all_on"]["median"], rates["eager"]["median"])
         out[name] = entry
+        if on_update:
+            on_update(out)
+    return out
+
+
+class BusySampler:
+    """GPU busy percentage (NVML's utilization.gpu: the share of each sample period in which a kernel ran),
+    sampled every ``interval`` s with timestamps, so a caller can keep the samples of one time window."""
+
+    def __init__(self, device: torch.device, interval: float = 0.1):
+        self.device, self.interval = device, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self.error: str | None = None
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append((time.perf_counter(), int(torch.cuda.utilization(self.device))))
+            except Exception as e:  # no NVML (pynvml missing): say so instead of a number
+                self.error = f"{type(e).__name__}: {e}"
+                return
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        else:
+            self.error = "not a CUDA device"
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.device.type == "cuda":
+            self._thread.join()
+
+    def mean_between(self, start: float, stop: float) -> float | None:
+        window = [u for t, u in self.samples if start <= t <= stop]
+        return round(statistics.mean(window), 1) if window else None
+
+
+def bench_epoch(root: str, quick: bool, device: torch.device, overrides: list[str] | None = None,
+                limit: int | None = None) -> dict[str, Any]:
+    """Whole epochs of SimCLR ResNet-18 (CIFAR stem, batch 512, 2 views of 32 px) on CIFAR-10 through
+    :func:`train_worker` + :class:`LocalEnv` (decoded uint8 in memory, pinned prefetch): seconds of the
+    second epoch (the first warms up cuDNN and, with compile, compiles) and the GPU's mean busy % over it,
+    eager and compiled. The issue's targets: <= 5 s per 50,000-image epoch, > 90 % busy, on an H200."""
+    from replab.config import load_config
+    from replab.platform.data import load_arrays
+    from replab.platform.loop import LocalEnv, train_worker
+
+    if device.type != "cuda" and limit is None:
+        return {"skipped": "needs a GPU (a CPU epoch of CIFAR-10 takes many minutes); pass limit= to smoke-test"}
+    t = time.perf_counter()
+    images, labels = load_arrays("cifar10", root, "train", 32, limit=limit or (10240 if quick else None), seed=0)
+    load_s = time.perf_counter() - t
+    base = overrides or step_overrides(False, batch=512)
+    base = [o for o in base if not o.startswith("train.steps_per_epoch=")]
+    out: dict[str, Any] = {"images": len(images), "decode_s": round(load_s, 1), "config": base,
+                           "target": "epoch_time_s <= 5 and gpu_busy_percent > 90 (H200, 50,000 images)"}
+
+    class TimedEnv(LocalEnv):
+        def report(self, metrics, checkpoint_dir):
+            super().report(metrics, checkpoint_dir)
+            self.reported_at = getattr(self, "reported_at", []) + [time.perf_counter()]
+
+    for name, extra in (("eager", ["train.compile=false"]), ("compiled", ["train.compile=true"])):
+        cfg = load_config(None, base + extra + ["train.epochs=2"])
+        if cfg.train.compile:
+            torch._dynamo.reset()
+        with tempfile.TemporaryDirectory(prefix="replab-bench-epoch-") as tmp:
+            env = TimedEnv(images, labels, tmp, device)
+            with BusySampler(device) as busy:
+                res = train_worker(cfg, env, len(images))
+        epoch = res.history[-1]
+        stop = env.reported_at[-1]
+        start = stop - epoch["train/epoch_time_s"]
+        out[name] = {"epoch_time_s": round(epoch["train/epoch_time_s"], 2),
+                     "images_per_sec": round(epoch["train/epoch_images_per_sec"], 1),
+                     "first_epoch_time_s": round(res.history[0]["train/epoch_time_s"], 2),
+                     "gpu_busy_percent": busy.mean_between(start, stop), "busy_error": busy.error,
+                     "epoch_time_s_at_50000": round(50000 / epoch["train/epoch_images_per_sec"], 2)}
     return out
 
 
@@ -672,25 +809,30 @@ def bench_gpu(quick: bool, repeats: int) -> dict[str, Any]:
 
 def run_bench(quick: bool = False, only: list[str] | None = None, out: str | None = None, root: str = "",
               repeats: int | None = None, device: str | None = None, threads: int | None = None,
-              steps: int | None = None) -> dict[str, Any]:
+              steps: int | None = None, models: list[str] | None = None) -> dict[str, Any]:
     """Run the chosen sections; ``threads`` sets torch's intra-op threads in this process for the run
     (default: torch's own choice, 1 with ``quick``: on a shared, oversubscribed CPU OpenMP spin-waits make
     2 threads several times slower than 1). ``steps``: steps per timed epoch of the step / Ray cases (more
-    steps amortise the per-epoch start of the input stream, as a real epoch does)."""
+    steps amortise the per-epoch start of the input stream, as a real epoch does). ``models``: a subset of
+    :data:`GPU_MODELS` for the gpu section; ``device="cpu"`` runs that section on the CPU."""
     previous_threads = torch.get_num_threads()
     if threads or quick:
         torch.set_num_threads(threads or 1)
     try:
-        return _run(quick, only, out, root, repeats, device, steps)
+        return _run(quick, only, out, root, repeats, device, steps, models)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(quick, only, out, root, repeats, device, steps=None) -> dict[str, Any]:
+def _run(quick, only, out, root, repeats, device, steps=None, models=None) -> dict[str, Any]:
     chosen = list(only) if only else [s for s in SECTIONS if not (quick and s == "ray")]
     bad = [s for s in chosen if s not in SECTIONS]
     if bad:
         raise ValueError(f"--only: {', '.join(bad)} not valid; choose from {', '.join(SECTIONS)}")
+    unknown = [m for m in models or [] if m not in GPU_MODELS]
+    if unknown:
+        raise ValueError(f"--models: {', '.join(unknown)} not valid; choose from {', '.join(GPU_MODELS)}")
+    gpu_models = {m: GPU_MODELS[m] for m in models} if models else None
     use_ray = "ray" in chosen  # --quick leaves Ray out unless --only names it
     root = _data_root(root)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -705,22 +847,33 @@ def _run(quick, only, out, root, repeats, device, steps=None) -> dict[str, Any]:
     }
     started = time.perf_counter()
     walls = result["meta"]["section_wall_s"] = {}
+
+    def save(section: str | None = None, partial: Any = None) -> None:
+        """Write what is measured so far: a run stopped by a time limit keeps its finished parts."""
+        if section is not None:
+            result[section] = partial
+        result["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(result, indent=2, default=str))
+
     jobs = {
         "data": lambda: bench_data(root, quick, use_ray, reps),
         "augment": lambda: bench_augment(root, quick, dev, reps),
         "step": lambda: bench_step(root, quick, use_ray, dev, reps, steps),
         "peer": lambda: bench_peer(root, quick, dev, reps),
-        "gpu": lambda: bench_gpu(quick, reps),
+        "gpu": lambda: bench_gpu(quick, reps, device=torch.device(device) if device else None, models=gpu_models,
+                                 on_update=lambda partial: save("gpu", partial)),
+        "epoch": lambda: bench_epoch(root, quick, dev) if dev.type == "cuda" else
+        {"skipped": "no GPU: the CIFAR-10 epoch target is for the H200"},
     }
     for name, job in jobs.items():
         if name in chosen or (name == "step" and use_ray):
             t = time.perf_counter()
             result[name] = job()
             walls[name] = round(time.perf_counter() - t, 1)
-    result["meta"]["wall_s"] = round(time.perf_counter() - started, 1)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2, default=str))
+            save()
+    save()
     return result
 
 
@@ -739,13 +892,13 @@ def table(result: dict[str, Any]) -> str:
                 walk(f"{prefix}.{k}" if prefix else k, v)
         elif isinstance(node, (int, float)) and not isinstance(node, bool) and (
                 "ratio" in prefix or "peak_memory" in prefix or "mfu" in prefix or "ray_data" in prefix
-                or "tflops" in prefix):
+                or "tflops" in prefix or "speedup" in prefix or prefix.startswith("epoch.")):
             rows.append((prefix, f"{node:g}", ""))
         elif isinstance(node, str) and (prefix.endswith("skipped") or prefix.endswith("ray_train")
                                         or prefix.endswith("baseline")):
             rows.append((prefix, node, ""))
 
-    for section in ("data", "augment", "step", "peer", "gpu"):
+    for section in ("data", "augment", "step", "peer", "gpu", "epoch"):
         if section in result:
             walk(section, result[section])
     width = max((len(r[0]) for r in rows), default=10)
