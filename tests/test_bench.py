@@ -168,8 +168,10 @@ def test_epoch_section_times_the_second_epoch(data_root, monkeypatch):
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    got = bench.bench_epoch(str(data_root), True, torch.device("cpu"), overrides=TINY, limit=48)
-    assert got["images"] == 48
+    saved = []
+    got = bench.bench_epoch(str(data_root), True, torch.device("cpu"), overrides=TINY, limit=48,
+                            on_update=lambda r: saved.append(sorted(k for k in ("eager", "compiled") if k in r)))
+    assert got["images"] == 48 and saved == [["eager"], ["compiled", "eager"]]  # kept as each finishes
     for name in ("eager", "compiled"):
         assert got[name]["epoch_time_s"] > 0 and got[name]["images_per_sec"] > 0
         assert got[name]["gpu_busy_percent"] is None and got[name]["busy_error"] == "not a CUDA device"

@@ -761,7 +761,8 @@ class BusySampler:
 
 
 def bench_epoch(root: str, quick: bool, device: torch.device, overrides: list[str] | None = None,
-                limit: int | None = None) -> dict[str, Any]:
+                limit: int | None = None, on_update: Callable[[dict[str, Any]], None] | None = None
+                ) -> dict[str, Any]:
     """Whole epochs of SimCLR ResNet-18 (CIFAR stem, batch 512, 2 views of 32 px) on CIFAR-10 through
     :func:`train_worker` + :class:`LocalEnv` (decoded uint8 in memory, pinned prefetch): seconds of the
     second epoch (the first warms up cuDNN and, with compile, compiles) and the GPU's mean busy % over it,
@@ -801,6 +802,8 @@ def bench_epoch(root: str, quick: bool, device: torch.device, overrides: list[st
                      "first_epoch_time_s": round(res.history[0]["train/epoch_time_s"], 2),
                      "gpu_busy_percent": busy.mean_between(start, stop), "busy_error": busy.error,
                      "epoch_time_s_at_50000": round(50000 / epoch["train/epoch_images_per_sec"], 2)}
+        if on_update:
+            on_update(out)
     return out
 
 
@@ -864,8 +867,8 @@ def _run(quick, only, out, root, repeats, device, steps=None, models=None) -> di
         "peer": lambda: bench_peer(root, quick, dev, reps),
         "gpu": lambda: bench_gpu(quick, reps, device=torch.device(device) if device else None, models=gpu_models,
                                  on_update=lambda partial: save("gpu", partial)),
-        "epoch": lambda: bench_epoch(root, quick, dev) if dev.type == "cuda" else
-        {"skipped": "no GPU: the CIFAR-10 epoch target is for the H200"},
+        "epoch": lambda: (bench_epoch(root, quick, dev, on_update=lambda partial: save("epoch", partial))
+                          if dev.type == "cuda" else {"skipped": "no GPU: the CIFAR-10 epoch target is for the H200"}),
     }
     for name, job in jobs.items():
         if name in chosen or (name == "step" and use_ray):
