@@ -132,8 +132,10 @@ def test_compiled_step_matches_eager(fixed_images, plain, backend):
 
     torch._dynamo.reset()
     got = bench.fixed_step(TINY, fixed_images, steps=2, fused=None, compile=True if backend == "inductor" else backend)
-    np.testing.assert_allclose(got["losses"], plain["losses"], rtol=1e-4)
-    # inductor reorders float sums: after 2 steps the parameters differed by 5e-4 in relative norm (measured)
+    # inductor reorders float sums: the first loss agrees to ~1e-7; after one update the second differed by
+    # 2.8e-4 relative and the parameters by 5e-4 in relative norm (measured)
+    assert got["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)
+    assert got["losses"][1] == pytest.approx(plain["losses"][1], rel=1e-3)
     drift = float((got["params"] - plain["params"]).norm() / plain["params"].norm())
     assert drift < 5e-3
 
