@@ -86,14 +86,42 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-class PeakRSS:
+class Sampler:
+    """Calls :meth:`tick` every ``interval`` seconds in a daemon thread while its ``with`` block runs
+    (``tick`` returning False stops the sampling early)."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> bool | None:
+        raise NotImplementedError
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            if self.tick() is False:
+                return
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class PeakRSS(Sampler):
     """Peak resident memory (bytes) over a block, sampled every 50 ms; of this process, or of the processes
     whose command line contains ``match`` (Ray workers). ``delta`` subtracts the level at entry."""
 
     def __init__(self, match: str | None = None, interval: float = 0.05):
-        self.match, self.interval = match, interval
+        super().__init__(interval)
+        self.match = match
         self.peak = self.start = 0
-        self._stop = threading.Event()
 
     def _sample(self) -> int:
         import psutil
@@ -109,21 +137,17 @@ class PeakRSS:
                 continue
         return total
 
-    def _loop(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._sample())
+    def tick(self):
+        self.peak = max(self.peak, self._sample())
 
     def __enter__(self):
         self.start = self._sample() if self.match is None else 0
         self.peak = self.start
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        super().__exit__(*exc)
+        self.tick()
 
     @property
     def delta(self) -> int:
@@ -724,36 +748,28 @@ def bench_gpu(quick: bool, repeats: int, device: torch.device | None = None, mod
     return out
 
 
-class BusySampler:
+class BusySampler(Sampler):
     """GPU busy percentage (NVML's utilization.gpu: the share of each sample period in which a kernel ran),
     sampled every ``interval`` s with timestamps, so a caller can keep the samples of one time window."""
 
     def __init__(self, device: torch.device, interval: float = 0.1):
-        self.device, self.interval = device, interval
+        super().__init__(interval)
+        self.device = device
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
         self.error: str | None = None
 
-    def _loop(self):
-        while not self._stop.wait(self.interval):
-            try:
-                self.samples.append((time.perf_counter(), int(torch.cuda.utilization(self.device))))
-            except Exception as e:  # no NVML (pynvml missing): say so instead of a number
-                self.error = f"{type(e).__name__}: {e}"
-                return
+    def tick(self):
+        try:
+            self.samples.append((time.perf_counter(), int(torch.cuda.utilization(self.device))))
+        except Exception as e:  # no NVML (pynvml missing): say so instead of a number
+            self.error = f"{type(e).__name__}: {e}"
+            return False
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
-        else:
+        if self.device.type != "cuda":
             self.error = "not a CUDA device"
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        if self.device.type == "cuda":
-            self._thread.join()
+            return self
+        return super().__enter__()
 
     def mean_between(self, start: float, stop: float) -> float | None:
         window = [u for t, u in self.samples if start <= t <= stop]
@@ -782,9 +798,13 @@ def bench_epoch(root: str, quick: bool, device: torch.device, overrides: list[st
                            "target": "epoch_time_s <= 5 and gpu_busy_percent > 90 (H200, 50,000 images)"}
 
     class TimedEnv(LocalEnv):
+        """Notes when each epoch's report returns: the next epoch's clock starts right after it."""
+
+        reported_at: list[float]
+
         def report(self, metrics, checkpoint_dir):
             super().report(metrics, checkpoint_dir)
-            self.reported_at = getattr(self, "reported_at", []) + [time.perf_counter()]
+            self.reported_at.append(time.perf_counter())
 
     for name, extra in (("eager", ["train.compile=false"]), ("compiled", ["train.compile=true"])):
         cfg = load_config(None, base + extra + ["train.epochs=2"])
@@ -792,11 +812,14 @@ def bench_epoch(root: str, quick: bool, device: torch.device, overrides: list[st
             torch._dynamo.reset()
         with tempfile.TemporaryDirectory(prefix="replab-bench-epoch-") as tmp:
             env = TimedEnv(images, labels, tmp, device)
+            env.reported_at = []
             with BusySampler(device) as busy:
                 res = train_worker(cfg, env, len(images))
         epoch = res.history[-1]
-        stop = env.reported_at[-1]
-        start = stop - epoch["train/epoch_time_s"]
+        # epoch 2 runs from epoch 1's report to epoch_time_s later (its own report comes after the final
+        # checkpoint is written, GPU idle, so it is not the window's end)
+        start = env.reported_at[-2]
+        stop = start + epoch["train/epoch_time_s"]
         out[name] = {"epoch_time_s": round(epoch["train/epoch_time_s"], 2),
                      "images_per_sec": round(epoch["train/epoch_images_per_sec"], 1),
                      "first_epoch_time_s": round(res.history[0]["train/epoch_time_s"], 2),
@@ -865,7 +888,7 @@ def _run(quick, only, out, root, repeats, device, steps=None, models=None) -> di
         "augment": lambda: bench_augment(root, quick, dev, reps),
         "step": lambda: bench_step(root, quick, use_ray, dev, reps, steps),
         "peer": lambda: bench_peer(root, quick, dev, reps),
-        "gpu": lambda: bench_gpu(quick, reps, device=torch.device(device) if device else None, models=gpu_models,
+        "gpu": lambda: bench_gpu(quick, reps, device=dev if device else None, models=gpu_models,
                                  on_update=lambda partial: save("gpu", partial)),
         "epoch": lambda: (bench_epoch(root, quick, dev, on_update=lambda partial: save("epoch", partial))
                           if dev.type == "cuda" else {"skipped": "no GPU: the CIFAR-10 epoch target is for the H200"}),
