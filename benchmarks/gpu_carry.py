@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from replab.platform.datasets import data_root
+from replab.platform.data.datasets import data_root
 
 
 def main(argv=None) -> int:

@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from replab.config import load_config
 from replab.methods import registry
-from replab.platform.data import load_arrays
-from replab.platform.evaluate import EvalData
-from replab.platform.loop import LocalEnv, train_worker
+from replab.platform.data.arrays import load_arrays
+from replab.platform.probes.frozen import EvalData
+from replab.platform.train.loop import LocalEnv, train_worker
+from replab.validate import load_config
 
 # Heads narrowed so that a CPU run of every method fits in minutes; the methods' other defaults stay.
 SMALL_HEADS = {
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
-    from replab.platform.data import data_root
+    from replab.platform.data.datasets import data_root
 
     root = data_root(args.root)
     images, labels = load_arrays("cifar10", root, "train", 32, limit=args.images, seed=0)

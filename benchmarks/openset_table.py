@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from replab.config import load_config
-from replab.platform import semisup
-from replab.platform.loop import LocalEnv, train_worker
-from replab.platform.openset import evaluate_openset_target
+from replab.platform.data import pool as semisup
+from replab.platform.evaluate.target import evaluate_openset_target
+from replab.platform.train.loop import LocalEnv, train_worker
+from replab.validate import load_config
 
 KNOWN = [2, 3, 4, 5, 6, 7]
 SEMI_SUPERVISED = {"paws", "ropaws"}

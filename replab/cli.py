@@ -20,7 +20,8 @@ import json
 import sys
 from typing import Sequence
 
-from replab.config import ConfigError, load_config
+from replab.config import ConfigError
+from replab.validate import load_config
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from replab.platform.train import fit
+    from replab.platform.train.ray_train import fit
 
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg)
@@ -117,7 +118,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.openset:
-        from replab.platform.openset import evaluate_openset_target
+        from replab.platform.evaluate.target import evaluate_openset_target
 
         known = None
         if args.known_classes:
@@ -130,7 +131,7 @@ def cmd_eval(args) -> int:
             label_fraction=args.label_fraction, known_classes=known, ood_dataset=args.ood_dataset,
             ood_split=args.ood_split, ood_limit=args.ood_limit)
     else:
-        from replab.platform.evaluation_cli import evaluate_target
+        from replab.platform.evaluate.target import evaluate_target
 
         knn, linear = (args.knn or not args.linear), (args.linear or not args.knn)
         results = evaluate_target(args.target, cfg, knn=knn, linear=linear)
@@ -149,25 +150,25 @@ def cmd_methods(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from replab.platform import data
+    from replab.platform.data import catalog, datasets
 
     if args.data_command == "inspect":
-        report = data.inspect(args.source, root=args.root, split=args.split, sample=args.sample)
+        report = catalog.inspect(args.source, root=args.root, split=args.split, sample=args.sample)
         print(json.dumps(report, indent=2, default=str))
         return 0
-    path = data.download(args.name, data.data_root(args.root))
+    path = datasets.download(args.name, datasets.data_root(args.root))
     print(f"{args.name} is ready at {path}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from replab.platform import sweep
+    from replab.platform.sweep import driver, grid
 
     if args.dry_run:
-        _raw, spec, cells = sweep.plan_sweep(args.config, args.overrides)
-        print(sweep.describe(spec, cells))
+        _raw, spec, cells = driver.plan_sweep(args.config, args.overrides)
+        print(grid.describe(spec, cells))
         return 0
-    result = sweep.run_sweep(args.config, args.overrides, resume=args.resume, report=not args.no_report)
+    result = driver.run_sweep(args.config, args.overrides, resume=args.resume, report=not args.no_report)
     print(f"sweep {result.name}: {sum(t['status'] == 'FINISHED' for t in result.trials)} trials finished, "
           f"{result.failed} failed, wall {result.wall_time_s:.0f} s; MLflow parent run id: {result.parent_run_id}")
     return 130 if result.interrupted else (1 if result.failed else 0)
@@ -176,12 +177,12 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from replab.platform import report, sweep
+    from replab.platform.sweep import driver, report
     from replab.platform.tracking import resolve_tracking_uri
 
     name, bootstrap = args.sweep, args.bootstrap
     if Path(args.sweep).suffix in (".yaml", ".yml") and Path(args.sweep).is_file():
-        raw, spec, cells = sweep.plan_sweep(args.sweep, args.overrides)
+        raw, spec, cells = driver.plan_sweep(args.sweep, args.overrides)
         name, uri = spec.name, cells[0].config.tracking.uri
         bootstrap = spec.bootstrap if bootstrap is None else bootstrap
     else:
@@ -191,7 +192,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from replab.platform import bench
+    from replab.bench import runner as bench
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] or None
     models = [m.strip() for m in args.models.split(",") if m.strip()] or None
@@ -209,7 +210,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from replab.platform.data import DataError
+    from replab.platform.data.datasets import DataError
 
     try:
         return COMMANDS[args.command](args)

@@ -51,7 +51,7 @@ class DataConfig:
     decode_batch_size: int = 256
     download: bool = False
     """Download and convert a missing named dataset (needs a network)."""
-    # -- semi-supervised and open-set data (replab.platform.semisup: labeled splits, supports, unlabeled pools)
+    # -- semi-supervised and open-set data (replab.platform.data.labeled / support / pool: labeled splits, supports, unlabeled pools)
     labels_per_class: int | None = None
     """Labeled images per known class, drawn from ``split`` (PAWS / RoPAWS supports). None: no labeled split."""
     label_fraction: float | None = None
@@ -310,10 +310,10 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict[str, Any], source_file: str = "") -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a plain mapping (as read from YAML)."""
-    from replab.methods import registry  # local: the method registry validates the method section
-
+def parse(raw: dict[str, Any], source_file: str = "") -> RunConfig:
+    """Build a :class:`RunConfig` from a plain mapping (as read from YAML) and check it against the schema: section
+    and key names, value types and ranges. The method's own parameters stay a plain mapping here: the method
+    registry checks them, with everything else that needs the library (:func:`replab.validate.from_dict`)."""
     raw = copy.deepcopy(raw or {})
     if not isinstance(raw, dict):
         raise ConfigError("config: the top level must be a mapping of sections")
@@ -339,7 +339,7 @@ def from_dict(raw: dict[str, Any], source_file: str = "") -> RunConfig:
     method_name = str(method_raw.pop("name", MethodConfig.name))
     params_raw = method_raw.pop("params", {}) or {}
     params_raw.update(method_raw)
-    sections["method"] = MethodConfig(name=method_name, params=registry.validate_params(method_name, params_raw))
+    sections["method"] = MethodConfig(name=method_name, params=params_raw)
 
     sweep = raw.get("sweep") or {}
     if not isinstance(sweep, dict):
@@ -350,8 +350,6 @@ def from_dict(raw: dict[str, Any], source_file: str = "") -> RunConfig:
 
 
 def _check_ranges(cfg: RunConfig) -> None:
-    from replab.models import backbones
-
     def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
         if value is None:
             return
@@ -375,17 +373,11 @@ def _check_ranges(cfg: RunConfig) -> None:
             f"train.batch_size: {cfg.train.batch_size} is not divisible by train.num_workers={workers}; "
             "choose a multiple of the worker count"
         )
-    from replab.platform.semisup import validate as validate_semisup
-
-    validate_semisup(cfg.data)
-    if cfg.model.backbone not in backbones.BACKBONES:
-        raise ConfigError(
-            f"model.backbone: {cfg.model.backbone!r} is not valid; choose one of: {', '.join(backbones.BACKBONES)}"
-        )
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read ``path`` (YAML; None: all defaults), apply ``--set`` overrides and validate."""
+def read_raw(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """Read ``path`` (YAML; None: all defaults) and apply ``--set`` overrides: (the plain mapping, the resolved
+    source path or "")."""
     raw: dict[str, Any] = {}
     source = ""
     if path is not None:
@@ -401,4 +393,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         apply_override(raw, key, value)
-    return from_dict(raw, source_file=source)
+    return raw, source

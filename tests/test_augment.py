@@ -2,8 +2,16 @@ import math
 
 import torch
 
-from replab.platform.augment import (IMAGENET_MEAN, IMAGENET_STD, ViewSpec, crop_boxes, gaussian_blur, hsv_to_rgb,
-                                     make_views, rgb_to_hsv)
+from replab.platform.data.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ViewSpec,
+    crop_boxes,
+    gaussian_blur,
+    hsv_to_rgb,
+    make_views,
+    rgb_to_hsv,
+)
 
 
 def images(n=16, size=32, seed=0):

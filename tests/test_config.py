@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from replab.config import ConfigError, load_config
+from replab.config import ConfigError
+from replab.validate import load_config
 
 
 def write(tmp_path, text):

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from replab.config import DataConfig
-from replab.platform import data as D
-from replab.platform import datasets as DS
-from replab.platform import decode as dec
+from replab.platform.data import arrays, catalog, datasets, indexes, pipeline, plan, skips, sources
+from replab.platform.data import datasets as DS
+from replab.platform.data import decode as dec
 
 try:
     from tests.data_fixtures import (
@@ -184,23 +184,23 @@ def test_parquet_struct_layout_with_splits(tmp_path):
     write_parquet(root / "train-00001-of-00002.parquet", images[16:], labels[16:])
     write_parquet(root / "test-00000-of-00001.parquet", images[::4], labels[::4])
     (root / "classes.json").write_text(json.dumps(["r", "g", "b", "y"]))
-    x, y = D.load_arrays(str(root), "", "train", 16)
+    x, y = arrays.load_arrays(str(root), "", "train", 16)
     assert x.shape == (32, 16, 16, 3) and x.dtype == np.uint8 and y.dtype == np.int64
     assert y.tolist() == labels  # row-id order = files sorted, rows in order
     assert (labels_from_colors(x, 4) == y).all()
-    xt, yt = D.load_arrays(str(root), "", "test", 16)
+    xt, yt = arrays.load_arrays(str(root), "", "test", 16)
     assert len(xt) == 8 and yt.tolist() == labels[::4]
-    assert D.default_test_split(str(root)) == "test"
-    info = D.dataset_info(str(root))
+    assert catalog.default_test_split(str(root)) == "test"
+    info = catalog.dataset_info(str(root))
     assert info.splits == {"test": 8, "train": 32} and info.num_classes == 4 and info.class_names == ["r", "g", "b", "y"]
-    src = D.resolve(str(root), split="train")
+    src = sources.resolve(str(root), split="train")
     assert src.kind == "parquet" and len(src.files) == 2 and Path(src.files[0]).is_absolute()
-    with pytest.raises(D.DataError, match="no split 'val'"):
-        D.resolve(str(root), split="val")
+    with pytest.raises(datasets.DataError, match="no split 'val'"):
+        sources.resolve(str(root), split="val")
     # the same files through a file:// URI (pyarrow filesystem) and through a glob
-    xu, yu = D.load_arrays(root.as_uri(), "", "train", 16, cache=False)
+    xu, yu = arrays.load_arrays(root.as_uri(), "", "train", 16, cache=False)
     assert np.array_equal(xu, x) and np.array_equal(yu, y)
-    xg, yg = D.load_arrays(str(root / "train-00001-*.parquet"), "", "train", 16, cache=False)
+    xg, yg = arrays.load_arrays(str(root / "train-00001-*.parquet"), "", "train", 16, cache=False)
     assert yg.tolist() == labels[16:]
 
 
@@ -208,18 +208,18 @@ def test_parquet_plain_binary_custom_columns_and_no_labels(tmp_path):
     images, labels = _class_sorted_images(5, 2)
     path = write_parquet(tmp_path / "d.parquet", images, labels, image_column="img", label_column="target",
                          struct_layout=False)
-    x, y = D.load_arrays(str(path), "", "train", 8, image_column="img", label_column="target")
+    x, y = arrays.load_arrays(str(path), "", "train", 8, image_column="img", label_column="target")
     assert len(x) == 10 and y.tolist() == labels
     # no label column -> -1
     unl = write_parquet(tmp_path / "u" / "data.parquet", images, None, struct_layout=False)
-    x, y = D.load_arrays(str(unl.parent), "", "train", 8)
+    x, y = arrays.load_arrays(str(unl.parent), "", "train", 8)
     assert len(x) == 10 and (y == -1).all()
-    with pytest.raises(D.DataError, match="no image column 'pixels'"):
-        D.load_arrays(str(path), "", "train", 8, image_column="pixels")
+    with pytest.raises(datasets.DataError, match="no image column 'pixels'"):
+        arrays.load_arrays(str(path), "", "train", 8, image_column="pixels")
     # string labels -> sorted class names
     strs = write_parquet(tmp_path / "s" / "train.parquet", images, ["dog" if v else "cat" for v in labels])
-    x, y = D.load_arrays(str(strs), "", "train", 8)
-    assert y.tolist() == labels and D.dataset_info(str(strs)).class_names == ["cat", "dog"]
+    x, y = arrays.load_arrays(str(strs), "", "train", 8)
+    assert y.tolist() == labels and catalog.dataset_info(str(strs)).class_names == ["cat", "dog"]
 
 
 def test_image_folder_with_classes_flat_and_split_folders(tmp_path):
@@ -229,15 +229,15 @@ def test_image_folder_with_classes_flat_and_split_folders(tmp_path):
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(encode(solid(color), "PNG"))
     (tmp_path / "classes" / "README.md").write_text("ignored")
-    x, y = D.load_arrays(str(tmp_path / "classes"), "", "train", 8)
+    x, y = arrays.load_arrays(str(tmp_path / "classes"), "", "train", 8)
     assert sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]  # ant=0, zebra=1 (sorted names)
     assert (labels_from_colors(x, 2) == y).all()
-    assert D.dataset_info(str(tmp_path / "classes")).class_names == ["ant", "zebra"]
+    assert catalog.dataset_info(str(tmp_path / "classes")).class_names == ["ant", "zebra"]
     # flat folder: unlabeled
     for i in range(4):
         (tmp_path / "flat").mkdir(exist_ok=True)
         (tmp_path / "flat" / f"{i}.jpg").write_bytes(encode(solid((i * 50, 0, 0)), "JPEG"))
-    x, y = D.load_arrays(str(tmp_path / "flat"), "", "train", 8)
+    x, y = arrays.load_arrays(str(tmp_path / "flat"), "", "train", 8)
     assert len(x) == 4 and (y == -1).all()
     # train/ val/ split folders
     for split in ("train", "val"):
@@ -245,8 +245,8 @@ def test_image_folder_with_classes_flat_and_split_folders(tmp_path):
             p = tmp_path / "splits" / split / cls / "x.png"
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(encode(solid((1, 1, 1)), "PNG"))
-    assert D.default_test_split(str(tmp_path / "splits")) == "val"
-    x, y = D.load_arrays(str(tmp_path / "splits"), "", "val", 8)
+    assert catalog.default_test_split(str(tmp_path / "splits")) == "val"
+    x, y = arrays.load_arrays(str(tmp_path / "splits"), "", "val", 8)
     assert sorted(y.tolist()) == [0, 1]
 
 
@@ -257,20 +257,20 @@ def test_tar_shards(tmp_path):
     samples = [(k, d if e == "jpg" else encode(Image.open(io.BytesIO(d)), "PNG"), e, lab) for k, d, e, lab in samples]
     write_tar(tmp_path / "shards" / "train-000000.tar", samples[:10])
     write_tar(tmp_path / "shards" / "train-000001.tar", samples[10:])
-    src = D.resolve(str(tmp_path / "shards"))
+    src = sources.resolve(str(tmp_path / "shards"))
     assert src.kind == "tar" and len(src.files) == 2
-    x, y = D.load_arrays(str(tmp_path / "shards"), "", "train", 12)
+    x, y = arrays.load_arrays(str(tmp_path / "shards"), "", "train", 12)
     assert x.shape == (18, 12, 12, 3) and y.tolist() == labels
     assert (labels_from_colors(x, 3) == y).all()
     # a limit picks a subset across shards
-    xs, ys = D.load_arrays(str(tmp_path / "shards"), "", "train", 12, limit=7, seed=3)
+    xs, ys = arrays.load_arrays(str(tmp_path / "shards"), "", "train", 12, limit=7, seed=3)
     assert len(xs) == 7 and set(ys.tolist()) <= {0, 1, 2}
 
 
 def test_broken_folder_load_arrays_counts(tmp_path):
     root = build_broken_folder(tmp_path / "broken")
     stats: dict = {}
-    x, y = D.load_arrays(str(root), "", "train", 24, stats=stats)
+    x, y = arrays.load_arrays(str(root), "", "train", 24, stats=stats)
     assert len(x) == len(BROKEN_DECODED) and stats["skipped"] == len(BROKEN_SKIPPED)
     expected = {}
     for reason in BROKEN_SKIPPED.values():
@@ -279,60 +279,60 @@ def test_broken_folder_load_arrays_counts(tmp_path):
     named = {name: dec.category(reason) for name, reason in stats["examples"]}
     assert named == BROKEN_SKIPPED
     assert sorted(y.tolist()) == sorted(int(n.startswith("b/")) for n in BROKEN_DECODED)
-    report = D.inspect(str(root), sample=100)
+    report = catalog.inspect(str(root), sample=100)
     assert report["rows"] == len(BROKEN_DECODED) + len(BROKEN_SKIPPED) and report["unreadable"] == len(BROKEN_SKIPPED)
     assert report["num_classes"] == 2 and "CMYK" in report["modes"] and report["width"]["max"] == 100_000
 
 
 def test_named_dataset_missing_raises_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("REPLAB_DATA_ROOT", raising=False)
-    with pytest.raises(D.DataError) as exc:
-        D.resolve("cifar10", root=str(tmp_path))
+    with pytest.raises(datasets.DataError) as exc:
+        sources.resolve("cifar10", root=str(tmp_path))
     msg = str(exc.value)
     assert str(tmp_path / "cifar10") in msg and "data.root" in msg and "REPLAB_DATA_ROOT" in msg
     assert "data.download=true" in msg
     monkeypatch.setenv("REPLAB_DATA_ROOT", str(tmp_path / "elsewhere"))
-    with pytest.raises(D.DataError, match=str(tmp_path / "elsewhere" / "tinyimagenet")):
-        D.load_arrays("tinyimagenet", "", "train", 32)
-    with pytest.raises(D.DataError, match="not a named dataset"):
-        D.resolve("cifar100")
+    with pytest.raises(datasets.DataError, match=str(tmp_path / "elsewhere" / "tinyimagenet")):
+        arrays.load_arrays("tinyimagenet", "", "train", 32)
+    with pytest.raises(datasets.DataError, match="not a named dataset"):
+        sources.resolve("cifar100")
     # the trainer entry point fails before starting any Ray work
-    with pytest.raises(D.DataError, match="imagenette128"):
-        D.build_train_dataset(DataConfig(dataset="imagenette128", root=str(tmp_path)))
+    with pytest.raises(datasets.DataError, match="imagenette128"):
+        pipeline.build_train_dataset(DataConfig(dataset="imagenette128", root=str(tmp_path)))
 
 
 def test_data_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("REPLAB_DATA_ROOT", str(tmp_path / "env"))
-    assert D.data_root("") == str(tmp_path / "env")
-    assert D.data_root(str(tmp_path / "cfg")) == str(tmp_path / "cfg")
+    assert datasets.data_root("") == str(tmp_path / "env")
+    assert datasets.data_root(str(tmp_path / "cfg")) == str(tmp_path / "cfg")
     monkeypatch.chdir(tmp_path)
-    assert D.data_root("rel") == str(tmp_path / "rel")  # made absolute for Ray workers
+    assert datasets.data_root("rel") == str(tmp_path / "rel")  # made absolute for Ray workers
     monkeypatch.delenv("REPLAB_DATA_ROOT")
-    assert D.data_root("") == str(Path("~/.cache/replab/datasets").expanduser())
-    assert D.data_root("s3://bucket/data/") == "s3://bucket/data"
+    assert datasets.data_root("") == str(Path("~/.cache/replab/datasets").expanduser())
+    assert datasets.data_root("s3://bucket/data/") == "s3://bucket/data"
 
 
 # ============================================================================================ limit / order
 
 
 def test_subset_indices_nested_seeded_exact():
-    a = D.subset_indices(10_000, 100, seed=1)
-    b = D.subset_indices(10_000, 1000, seed=1)
-    c = D.subset_indices(10_000, 100, seed=2)
+    a = indexes.subset_indices(10_000, 100, seed=1)
+    b = indexes.subset_indices(10_000, 1000, seed=1)
+    c = indexes.subset_indices(10_000, 100, seed=2)
     assert len(a) == 100 and len(b) == 1000 and len(np.unique(b)) == 1000
     assert np.isin(a, b).all() and (np.diff(a) > 0).all()
     assert not np.array_equal(a, c)
-    assert np.array_equal(a, D.subset_indices(10_000, 100, seed=1))
-    assert np.array_equal(D.subset_indices(50, None, 0), np.arange(50))
-    assert np.array_equal(D.subset_indices(50, 80, 0), np.arange(50))
+    assert np.array_equal(a, indexes.subset_indices(10_000, 100, seed=1))
+    assert np.array_equal(indexes.subset_indices(50, None, 0), np.arange(50))
+    assert np.array_equal(indexes.subset_indices(50, 80, 0), np.arange(50))
     # spread over the whole range (not the first N): the shards are sorted by class
     assert a.min() < 1000 and a.max() > 9000
 
 
 def test_limit_on_cifar_is_nested_random_and_many_classes(shared_root):
-    small_x, small_y = D.load_arrays("cifar10", str(shared_root), "train", 32, limit=200, seed=5)
-    big_x, big_y = D.load_arrays("cifar10", str(shared_root), "train", 32, limit=600, seed=5)
-    other_x, _ = D.load_arrays("cifar10", str(shared_root), "train", 32, limit=200, seed=6)
+    small_x, small_y = arrays.load_arrays("cifar10", str(shared_root), "train", 32, limit=200, seed=5)
+    big_x, big_y = arrays.load_arrays("cifar10", str(shared_root), "train", 32, limit=600, seed=5)
+    other_x, _ = arrays.load_arrays("cifar10", str(shared_root), "train", 32, limit=200, seed=6)
     assert len(small_x) == 200 and len(big_x) == 600
     digest = lambda x: {hashlib.md5(im.tobytes()).hexdigest() for im in x}  # noqa: E731
     assert digest(small_x) <= digest(big_x)
@@ -340,7 +340,7 @@ def test_limit_on_cifar_is_nested_random_and_many_classes(shared_root):
     counts = np.bincount(small_y, minlength=10)
     assert (counts >= 8).all(), counts  # all 10 classes from a 200-image subset of class-sorted shards
     # cached arrays come back identical
-    again = D.load_arrays("cifar10", str(shared_root), "train", 32, limit=200, seed=5)
+    again = arrays.load_arrays("cifar10", str(shared_root), "train", 32, limit=200, seed=5)
     assert np.array_equal(again[0], small_x) and np.array_equal(again[1], small_y)
 
 
@@ -349,16 +349,16 @@ def test_iterate_batches_reshuffles_per_epoch():
 
     images = np.arange(103, dtype=np.uint8).reshape(103, 1, 1, 1).repeat(3, -1)
     labels = np.arange(103, dtype=np.int64)
-    e0 = list(D.iterate_batches(images, labels, 10, seed=0, epoch=0))
-    e1 = list(D.iterate_batches(images, labels, 10, seed=0, epoch=1))
+    e0 = list(arrays.iterate_batches(images, labels, 10, seed=0, epoch=0))
+    e1 = list(arrays.iterate_batches(images, labels, 10, seed=0, epoch=1))
     assert len(e0) == 10 and e0[0]["image"].dtype == torch.uint8 and e0[0]["label"].dtype == torch.int64
     assert e0[0]["image"].shape == (10, 1, 1, 3)
     order0 = torch.cat([b["label"] for b in e0]).tolist()
     order1 = torch.cat([b["label"] for b in e1]).tolist()
     assert order0 != order1 and len(set(order0)) == 100
     assert all((b["image"][:, 0, 0, 0].long() == b["label"]).all() for b in e0)
-    assert order0 == torch.cat([b["label"] for b in D.iterate_batches(images, labels, 10, 0, 0)]).tolist()
-    assert sum(len(b["label"]) for b in D.iterate_batches(images, labels, 10, 0, 0, drop_last=False)) == 103
+    assert order0 == torch.cat([b["label"] for b in arrays.iterate_batches(images, labels, 10, 0, 0)]).tolist()
+    assert sum(len(b["label"]) for b in arrays.iterate_batches(images, labels, 10, 0, 0, drop_last=False)) == 103
 
 
 def test_shuffle_windows_cover_every_row_once_and_change_per_execution(tmp_path):
@@ -366,10 +366,10 @@ def test_shuffle_windows_cover_every_row_once_and_change_per_execution(tmp_path)
     root = tmp_path / "pq"
     for f in range(4):  # 4 files x 2 row groups of 5, sorted by class
         write_parquet(root / f"train-{f:05d}-of-00004.parquet", images[f * 10:(f + 1) * 10], labels[f * 10:(f + 1) * 10])
-    src = D.resolve(str(root))
-    index = D.build_index(src)
-    plan = D._Plan.build(index, D.subset_indices(index.total_rows, 30, seed=0))
-    datasource = D._datasource_class()(plan, seed=0, window_bytes=3 * int(index.piece_bytes.max()))
+    src = sources.resolve(str(root))
+    index = indexes.build_index(src)
+    read_plan = plan.ReadPlan.build(index, indexes.subset_indices(index.total_rows, 30, seed=0))
+    datasource = pipeline.datasource_class()(read_plan, seed=0, window_bytes=3 * int(index.piece_bytes.max()))
 
     class Ctx:  # what Ray passes: the DataContext, whose _execution_idx grows by one per execution
         def __init__(self, idx):
@@ -380,16 +380,16 @@ def test_shuffle_windows_cover_every_row_once_and_change_per_execution(tmp_path)
         tasks = datasource.get_read_tasks(1, data_context=Ctx(execution))
         assert len(tasks) >= 3  # several windows of <= 3 row groups
         rows = np.concatenate([t.num_rows and np.asarray(t["row"]) for task in tasks for t in task()])
-        assert sorted(rows.tolist()) == D.subset_indices(40, 30, 0).tolist()  # every kept row exactly once
+        assert sorted(rows.tolist()) == indexes.subset_indices(40, 30, 0).tolist()  # every kept row exactly once
         assert sum(t.metadata.num_rows for t in tasks) == 30
         orders.append(rows.tolist())
     assert orders[0] != orders[1]
 
 
 def test_cache_decision():
-    assert D.should_cache("on", 10**9, 224, 1.0) and not D.should_cache("off", 1, 8, 1e12)
-    assert D.should_cache("auto", 50_000, 32, 4e9)  # CIFAR-10: 150 MB of 4 GB
-    assert not D.should_cache("auto", 1_281_167, 224, 4e9)  # ImageNet at 224: streamed
+    assert pipeline.should_cache("on", 10**9, 224, 1.0) and not pipeline.should_cache("off", 1, 8, 1e12)
+    assert pipeline.should_cache("auto", 50_000, 32, 4e9)  # CIFAR-10: 150 MB of 4 GB
+    assert not pipeline.should_cache("auto", 1_281_167, 224, 4e9)  # ImageNet at 224: streamed
 
 
 # ============================================================================================ downloads
@@ -422,19 +422,19 @@ def test_cifar10_download_and_convert(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     batches = _fake_cifar_tarball(archive)
     root = tmp_path / "root"
-    with pytest.raises(D.DataError, match="checksum mismatch"):
+    with pytest.raises(datasets.DataError, match="checksum mismatch"):
         DS.download("cifar10", str(root), url=archive.as_uri(), md5="0" * 32, log=lambda m: None)
     assert not (root / "cifar10").exists()
     out = DS.download("cifar10", str(root), url=archive.as_uri(), md5=_md5(archive), log=lambda m: None)
     assert Path(out) == root / "cifar10"
-    info = D.dataset_info("cifar10", str(root))
+    info = catalog.dataset_info("cifar10", str(root))
     assert info.splits == {"test": 3, "train": 15} and info.class_names == [f"c{i}" for i in range(10)]
-    x, y = D.load_arrays("cifar10", str(root), "train", 32, cache=False)
+    x, y = arrays.load_arrays("cifar10", str(root), "train", 32, cache=False)
     expected = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
     expected = expected.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     assert np.array_equal(x, expected)  # PNG is lossless: the original arrays, in the original order
     assert y.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
-    xt, _ = D.load_arrays("cifar10", str(root), "test", 32, cache=False)
+    xt, _ = arrays.load_arrays("cifar10", str(root), "test", 32, cache=False)
     assert np.array_equal(xt, batches["test_batch"][0].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     # build_train_dataset-style auto download path: data.download=true finds it already there
     assert DS.download("cifar10", str(root), log=lambda m: None) == out
@@ -449,12 +449,12 @@ def test_data_download_flag_fetches_missing_named_dataset(tmp_path, monkeypatch)
         calls.append((name, root))
         return DS.download(name, root, url=archive.as_uri(), md5=_md5(archive), log=lambda m: None)
 
-    monkeypatch.setattr(D, "download", fake_download)
+    monkeypatch.setattr(sources, "download", fake_download)
     root = tmp_path / "root"
-    with pytest.raises(D.DataError, match="data.download=true"):
-        D.load_arrays(DataConfig(dataset="cifar10", root=str(root)), split="test")
+    with pytest.raises(datasets.DataError, match="data.download=true"):
+        arrays.load_arrays(DataConfig(dataset="cifar10", root=str(root)), split="test")
     assert calls == []
-    x, y = D.load_arrays(DataConfig(dataset="cifar10", root=str(root), download=True, resolution=16), split="test")
+    x, y = arrays.load_arrays(DataConfig(dataset="cifar10", root=str(root), download=True, resolution=16), split="test")
     assert calls == [("cifar10", str(root))] and x.shape == (3, 16, 16, 3)
 
 
@@ -478,11 +478,11 @@ def test_tinyimagenet_convert(tmp_path):
     out = tmp_path / "tinyimagenet"
     out.mkdir()
     DS.convert_tinyimagenet(str(archive), str(out))
-    info = D.dataset_info("tinyimagenet", str(tmp_path))
+    info = catalog.dataset_info("tinyimagenet", str(tmp_path))
     assert info.splits == {"train": 6, "val": 4} and info.class_names == ["goldfish", "bullfrog"]
-    x, y = D.load_arrays("tinyimagenet", str(tmp_path), "val", 16, cache=False)
+    x, y = arrays.load_arrays("tinyimagenet", str(tmp_path), "val", 16, cache=False)
     assert y.tolist() == [0, 1, 0, 1] and (labels_from_colors(x, 2) == y).all()
-    assert D.default_test_split("tinyimagenet", str(tmp_path)) == "val"
+    assert catalog.default_test_split("tinyimagenet", str(tmp_path)) == "val"
 
 
 def test_imagenette_convert_resizes_to_128(tmp_path):
@@ -498,9 +498,9 @@ def test_imagenette_convert_resizes_to_128(tmp_path):
     out = tmp_path / "imagenette128"
     out.mkdir()
     DS.convert_imagenette(str(archive), str(out))
-    info = D.dataset_info("imagenette128", str(tmp_path))
+    info = catalog.dataset_info("imagenette128", str(tmp_path))
     assert info.splits == {"train": 6, "val": 4} and info.class_names == ["tench", "parachute"]
-    report = D.inspect("imagenette128", str(tmp_path), "train")
+    report = catalog.inspect("imagenette128", str(tmp_path), "train")
     assert report["width"] == {"min": 128, "median": 128.0, "max": 128} and report["formats"] == {"JPEG": 6}
 
 
@@ -525,7 +525,7 @@ def test_ray_train_dataset_cifar_subset(ray_data, shared_root, cache):
 
     cfg = DataConfig(dataset="cifar10", root=str(shared_root), limit=300, resolution=40, cache=cache, seed=1,
                      shuffle_buffer=64, decode_batch_size=64)
-    td = D.build_train_dataset(cfg)
+    td = pipeline.build_train_dataset(cfg)
     assert td.num_rows == 300 and td.cached == (cache == "on")
     assert td.shuffle_buffer == 64
     # Ray 2.60 yields short batches when the local buffer is < 2x the batch: the helper raises it
@@ -539,7 +539,7 @@ def test_ray_train_dataset_cifar_subset(ray_data, shared_root, cache):
     assert sorted(l0.tolist()) == sorted(l1.tolist())  # the same 300 rows every epoch ...
     assert l0.tolist() != l1.tolist()  # ... in a new order
     # the same seeded subset as the no-Ray path
-    _, ref = D.load_arrays("cifar10", str(shared_root), "train", 40, limit=300, seed=1)
+    _, ref = arrays.load_arrays("cifar10", str(shared_root), "train", 40, limit=300, seed=1)
     assert sorted(l0.tolist()) == sorted(ref.tolist())
     assert len(set(l0[:50].tolist())) >= 8
     assert td.skipped() == 0
@@ -548,7 +548,7 @@ def test_ray_train_dataset_cifar_subset(ray_data, shared_root, cache):
 @pytest.mark.ray
 def test_ray_streaming_full_cifar_first_batch_mixes_classes(ray_data, shared_root):
     cfg = DataConfig(dataset="cifar10", root=str(shared_root), resolution=32, cache="off", shuffle_buffer=0)
-    td = D.build_train_dataset(cfg)
+    td = pipeline.build_train_dataset(cfg)
     assert td.num_rows == 50_000 and not td.cached and td.shuffle_buffer is None
     _, labels = _epoch(td.dataset, 256, None, limit_batches=1)
     assert labels[0].shape == (256,)
@@ -559,7 +559,7 @@ def test_ray_streaming_full_cifar_first_batch_mixes_classes(ray_data, shared_roo
 def test_ray_broken_folder_skips_and_counts(ray_data, tmp_path):
     root = build_broken_folder(tmp_path / "broken")
     cfg = DataConfig(dataset=str(root), resolution=24, cache="off", shuffle_buffer=0, decode_batch_size=4)
-    td = D.build_train_dataset(cfg)
+    td = pipeline.build_train_dataset(cfg)
     assert td.num_rows == len(BROKEN_DECODED) + len(BROKEN_SKIPPED)
     for _ in range(2):  # re-decoded every epoch, counted once per row
         rows = sum(len(b["label"]) for b in td.dataset.iter_torch_batches(batch_size=1))
@@ -570,7 +570,7 @@ def test_ray_broken_folder_skips_and_counts(ray_data, tmp_path):
 
     @ray_data.remote(num_cpus=0)
     def from_a_worker(name):
-        return D.skipped_count(name)
+        return skips.skipped_count(name)
 
     assert ray_data.get(from_a_worker.remote(td.counter_name)) == len(BROKEN_SKIPPED)
 
@@ -581,9 +581,9 @@ def test_ray_tar_shards_and_limit(ray_data, tmp_path):
     samples = [(f"k{i:03d}", d, "jpg", lab) for i, (d, lab) in enumerate(zip(images, labels))]
     write_tar(tmp_path / "t" / "shard-0.tar", samples[:15])
     write_tar(tmp_path / "t" / "shard-1.tar", samples[15:])
-    td = D.build_train_dataset(DataConfig(dataset=str(tmp_path / "t"), resolution=16, limit=20, cache="on"))
+    td = pipeline.build_train_dataset(DataConfig(dataset=str(tmp_path / "t"), resolution=16, limit=20, cache="on"))
     batches = list(td.dataset.iter_torch_batches(batch_size=5))
     got = np.concatenate([b["label"].numpy() for b in batches])
     assert len(got) == 20 and td.num_classes == 3
-    _, ref = D.load_arrays(str(tmp_path / "t"), "", "train", 16, limit=20)
+    _, ref = arrays.load_arrays(str(tmp_path / "t"), "", "train", 16, limit=20)
     assert sorted(got.tolist()) == sorted(ref.tolist())

@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from replab.config import load_config
-from replab.platform import optim
-from replab.platform.data import load_arrays
-from replab.platform.evaluate import EvalData, knn_predict, linear_probe_top1
-from replab.platform.loop import LocalEnv, load_checkpoint, train_worker
+from replab.platform.data.arrays import load_arrays
+from replab.platform.probes.frozen import EvalData, knn_predict, linear_probe_top1
+from replab.platform.train import optim
+from replab.platform.train.checkpoints import load_checkpoint
+from replab.platform.train.loop import LocalEnv, train_worker
+from replab.validate import load_config
 
 TINY = ["data.resolution=32", "model.backbone=resnet18", "model.width=0.25", "method.proj_hidden_dim=64",
         "method.proj_dim=32", "train.batch_size=32", "train.log_every=2", "train.precision=fp32"]
@@ -102,7 +103,7 @@ def _numbered(n: int, fail_at: int | None = None):
 
 
 def test_prefetched_batches_keep_order_and_reraise_errors():
-    from replab.platform.loop import prefetched
+    from replab.platform.train.loop import prefetched
 
     got = [int(b["label"][0]) for b in prefetched(_numbered(7), depth=2)]
     assert got == list(range(7))
@@ -116,7 +117,7 @@ def test_prefetched_batches_keep_order_and_reraise_errors():
 def test_prefetch_thread_stops_when_the_loop_leaves_early():
     import threading
 
-    from replab.platform.loop import prefetched
+    from replab.platform.train.loop import prefetched
 
     stream = prefetched(_numbered(1000), depth=2)
     assert int(next(stream)["label"][0]) == 0

@@ -20,8 +20,7 @@ from torch import nn
 from replab.methods import losses, registry
 from replab.methods.base import Progress
 from replab.models.backbones import build_backbone
-from replab.platform.augment import make_views
-
+from replab.platform.data.augment import make_views
 
 # ------------------------------------------------------------------------------------------------------
 # Direct computations from the papers' formulas (float64 numpy, explicit loops)

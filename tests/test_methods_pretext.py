@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from replab.methods import losses, registry
 from replab.methods._pretext import crop_tiles, grid_corners
 from replab.models.backbones import build_backbone
-from replab.platform.augment import make_views
+from replab.platform.data.augment import make_views
 
 # ------------------------------------------------------------------------------------------------------
 # Losses against direct computations (float64 numpy, explicit loops)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from replab.platform import scaling
+from replab.platform.sweep import fits as scaling
 
 
 def noisy_power_law(x, a, b, c, noise, seed=0):
@@ -146,7 +146,7 @@ def fake_store(tmp_path_factory):
 def test_report_fits_the_sweep_and_writes_plots_json_and_markdown(fake_store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from replab.platform import report
+    from replab.platform.sweep import report
 
     uri, pid = fake_store
     law = LAW
@@ -192,7 +192,7 @@ def test_report_fits_the_sweep_and_writes_plots_json_and_markdown(fake_store, tm
 
 def test_report_names_a_missing_sweep(fake_store):
     from replab.config import ConfigError
-    from replab.platform import report
+    from replab.platform.sweep import report
 
     with pytest.raises(ConfigError, match="no sweep 'nope'"):
         report.build_report(fake_store[0], "nope", log=False)

@@ -11,9 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from replab.config import ConfigError, load_config
+from replab.config import ConfigError
 from replab.methods import losses
-from replab.platform import openset, semisup
+from replab.platform.data import labeled as labeled_lib
+from replab.platform.data import pool as pool_lib
+from replab.platform.data import support as support_lib
+from replab.platform.probes import openset
+from replab.validate import load_config
 
 KNOWN = "data.known_classes=[2,3,4,5,6,7]"
 
@@ -195,13 +199,13 @@ def test_auroc_against_pairwise_counts():
 
 def test_select_labeled_is_deterministic_and_nested():
     labels = np.repeat(np.arange(10), 100)
-    a = semisup.select_labeled(labels, [2, 3], labels_per_class=25, seed=0)
-    b = semisup.select_labeled(labels, [2, 3], labels_per_class=25, seed=0)
-    c = semisup.select_labeled(labels, [2, 3], labels_per_class=25, seed=1)
-    big = semisup.select_labeled(labels, [2, 3], labels_per_class=50, seed=0)
+    a = labeled_lib.select_labeled(labels, [2, 3], labels_per_class=25, seed=0)
+    b = labeled_lib.select_labeled(labels, [2, 3], labels_per_class=25, seed=0)
+    c = labeled_lib.select_labeled(labels, [2, 3], labels_per_class=25, seed=1)
+    big = labeled_lib.select_labeled(labels, [2, 3], labels_per_class=50, seed=0)
     assert all(np.array_equal(a[k], b[k]) for k in a) and not np.array_equal(a[2], c[2])
     assert set(a[2]) <= set(big[2]) and len(a[2]) == 25 and (labels[a[3]] == 3).all()
-    frac = semisup.select_labeled(labels, [0], label_fraction=0.1, seed=0)
+    frac = labeled_lib.select_labeled(labels, [0], label_fraction=0.1, seed=0)
     assert len(frac[0]) == 10
 
 
@@ -209,28 +213,28 @@ def test_split_files_are_deterministic(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path / "cache"))
     base = [f"data.root={data_root}", KNOWN, "data.labels_per_class=25"]
     cfg = load_config(None, base)
-    first = semisup.labeled_split(cfg.data)
-    path = semisup.split_path(cfg.data)
+    first = labeled_lib.labeled_split(cfg.data)
+    path = labeled_lib.split_path(cfg.data)
     assert path.is_file() and str(path).startswith(str(tmp_path / "cache" / "splits"))
     text = path.read_text()
     path.unlink()
-    again = semisup.labeled_split(cfg.data)
+    again = labeled_lib.labeled_split(cfg.data)
     assert path.read_text() == text  # same seed -> the same file, byte for byte
     assert {c: list(r) for c, r in again.rows.items()} == {c: list(r) for c, r in first.rows.items()}
     assert again.known_classes == [2, 3, 4, 5, 6, 7] and all(len(r) == 25 for r in again.rows.values())
     other = load_config(None, base + ["data.split_seed=1", f"data.split_file={tmp_path}/seed1.json"])
-    semisup.labeled_split(other.data)
+    labeled_lib.labeled_split(other.data)
     assert (tmp_path / "seed1.json").read_text() != text  # different seed -> a different file
     # an existing file is read as is, and must agree with the config
     bad = load_config(None, [f"data.root={data_root}", "data.known_classes=[0,1]", f"data.split_file={path}"])
     with pytest.raises(ConfigError, match="known_classes"):
-        semisup.labeled_split(bad.data)
+        labeled_lib.labeled_split(bad.data)
 
 
 def test_support_sampler_balance_and_streams():
     labels = np.repeat(np.arange(4), [3, 5, 7, 9])
     images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None].repeat(2, 1).repeat(2, 2).repeat(3, 3)
-    sampler = semisup.SupportSampler(images, labels, classes_per_step=0, images_per_class=6, seed=0)
+    sampler = support_lib.SupportSampler(images, labels, classes_per_step=0, images_per_class=6, seed=0)
     seen = {c: [] for c in range(4)}
     for _ in range(5):
         x, y = next(sampler)
@@ -241,34 +245,34 @@ def test_support_sampler_balance_and_streams():
             seen[lab].append(img)
     # class 0 (3 images) is cycled in passes: every image exactly 10 times in 30 draws
     assert sorted(np.bincount(seen[0]).tolist()) == [10, 10, 10]
-    sub = semisup.SupportSampler(images, labels, classes_per_step=2, images_per_class=3, seed=0)
+    sub = support_lib.SupportSampler(images, labels, classes_per_step=2, images_per_class=3, seed=0)
     x, y = next(sub)
     assert x.shape[0] == 6 and len(torch.unique(y)) == 2
 
 
 def test_support_sampler_from_config_on_cifar(data_root, tmp_path, monkeypatch):
     from replab.methods.base import SupportSpec
-    from replab.platform.augment import ViewSpec
+    from replab.platform.data.augment import ViewSpec
 
     monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path))
     cfg = load_config(None, [f"data.root={data_root}", KNOWN, "data.labels_per_class=4"])
     spec = SupportSpec(0, 3, (ViewSpec.plain(32),))
-    it = semisup.support_sampler(cfg, spec, 0, 1, torch.device("cpu"))
+    it = support_lib.support_sampler(cfg, spec, 0, 1, torch.device("cpu"))
     x, y = next(it)
     assert x.shape == (18, 32, 32, 3) and torch.equal(torch.bincount(y), torch.full((6,), 3))
-    rows = semisup.labeled_split(cfg.data).rows[2]  # class 2 (bird) -> support label 0
-    src = semisup.resolve_source(cfg.data)
-    images, labels = semisup.load_rows(src, rows, 32)
+    rows = labeled_lib.labeled_split(cfg.data).rows[2]  # class 2 (bird) -> support label 0
+    src = labeled_lib.resolve_source(cfg.data)
+    images, labels = labeled_lib.load_rows(src, rows, 32)
     first = x[y == 0][0].numpy()
     assert any(np.array_equal(first, img) for img in images) and (labels == 2).all()
     # a resumed run (start_epoch > 0) draws its own stream; the same start epoch gives the same stream
-    again = semisup.support_sampler(cfg, spec, 0, 1, torch.device("cpu"))
+    again = support_lib.support_sampler(cfg, spec, 0, 1, torch.device("cpu"))
     assert torch.equal(next(again)[0], x)
-    resumed = [next(semisup.support_sampler(cfg, spec, 0, 1, torch.device("cpu"), start_epoch=3))[0] for _ in range(2)]
+    resumed = [next(support_lib.support_sampler(cfg, spec, 0, 1, torch.device("cpu"), start_epoch=3))[0] for _ in range(2)]
     assert torch.equal(resumed[0], resumed[1]) and not torch.equal(resumed[0], x)
     no_labels = load_config(None, [f"data.root={data_root}"])
     with pytest.raises(ConfigError, match="labels_per_class"):
-        semisup.support_sampler(no_labels, spec, 0, 1, torch.device("cpu"))
+        support_lib.support_sampler(no_labels, spec, 0, 1, torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------ unlabeled pools
@@ -278,27 +282,27 @@ def test_mismatch_pool_and_mixing(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path))
     base = [f"data.root={data_root}", KNOWN, "data.labels_per_class=10", "data.unlabeled_exclude_labeled=true"]
     cfg = load_config(None, base + ["data.ood_fraction=0.25", "data.unlabeled_size=200"])
-    sources = semisup.pool_manifest(cfg.data)
+    sources = pool_lib.pool_manifest(cfg.data)
     assert [len(s.rows) for s in sources] == [150, 50]
     assert sources[0].in_class.all() and not sources[1].in_class.any()
-    labeled = semisup.labeled_split(cfg.data).all_rows()
+    labeled = labeled_lib.labeled_split(cfg.data).all_rows()
     assert not np.isin(sources[0].rows, labeled).any()
-    assert semisup.pool_summary(sources)["pool/out_of_class_fraction"] == pytest.approx(0.25)
-    pool = semisup.load_unlabeled_arrays(cfg.data)
+    assert pool_lib.pool_summary(sources)["pool/out_of_class_fraction"] == pytest.approx(0.25)
+    pool = pool_lib.load_unlabeled_arrays(cfg.data)
     assert pool.images.shape == (200, 32, 32, 3) and (pool.labels == -1).all()
     assert pool.in_class.sum() == 150 and set(np.unique(pool.true_labels[~pool.in_class])) <= {0, 1, 8, 9}
     # nested across ratios: the known rows at 50% are inside those at 25% (same pool size)
-    half = semisup.pool_manifest(load_config(None, base + ["data.ood_fraction=0.5", "data.unlabeled_size=200"]).data)
+    half = pool_lib.pool_manifest(load_config(None, base + ["data.ood_fraction=0.5", "data.unlabeled_size=200"]).data)
     assert set(half[0].rows) <= set(sources[0].rows)
     mix = load_config(None, base + ["data.mix=[{classes: known, count: 30}, "
                                     "{dataset: tinyimagenet, split: val, count: 20}]"])
-    pool = semisup.load_unlabeled_arrays(mix.data)
+    pool = pool_lib.load_unlabeled_arrays(mix.data)
     assert pool.images.shape[0] == 50 and pool.in_class.sum() == 30 and (pool.labels == -1).all()
     with pytest.raises(ConfigError, match="sum to 1"):
         bad = load_config(None, base + ["data.mix=[{fraction: 0.5}, {classes: unknown, fraction: 0.4}]"])
-        semisup.validate(bad.data)
+        labeled_lib.validate(bad.data)
     with pytest.raises(ConfigError, match=r"data.mix\[0\].fractoin"):
-        semisup.validate(load_config(None, base + ["data.mix=[{fractoin: 1.0}]"]).data)
+        labeled_lib.validate(load_config(None, base + ["data.mix=[{fractoin: 1.0}]"]).data)
 
 
 @pytest.mark.ray
@@ -306,7 +310,7 @@ def test_unlabeled_ray_dataset_hides_labels(data_root, tmp_path, monkeypatch, ra
     monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path))
     cfg = load_config(None, [f"data.root={data_root}", KNOWN, "data.labels_per_class=5",
                              "data.mix=[{classes: known, count: 40}, {dataset: tinyimagenet, split: val, count: 24}]"])
-    td = semisup.build_unlabeled_dataset(cfg.data)
+    td = pool_lib.build_unlabeled_dataset(cfg.data)
     assert td.num_rows == 64 and td.num_classes == 6
     rows = td.dataset.take_all()
     assert len(rows) == 64 and all(r["label"] == -1 for r in rows) and rows[0]["image"].shape == (32, 32, 3)
@@ -364,8 +368,8 @@ TINY = ["data.resolution=32", "model.backbone=resnet18", "model.width=0.25", "me
 
 def test_paws_never_reads_the_unlabeled_labels():
     from replab.methods.base import Support
-    from replab.platform.augment import make_views
-    from replab.platform.loop import build_method
+    from replab.platform.data.augment import make_views
+    from replab.platform.train.loop import build_method
 
     torch.manual_seed(0)
     method = build_method(load_config(None, TINY + ["method.name=paws"]))
@@ -393,12 +397,12 @@ class _Recorder:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["paws", "ropaws"])
 def test_short_run_on_cifar_does_not_collapse(name, data_root, tmp_path, monkeypatch, capsys):
-    from replab.platform.loop import LocalEnv, train_worker
+    from replab.platform.train.loop import LocalEnv, train_worker
 
     monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path / "cache"))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     cfg = load_config(None, TINY + [f"method.name={name}", f"data.root={data_root}"])
-    pool = semisup.load_unlabeled_arrays(cfg.data)
+    pool = pool_lib.load_unlabeled_arrays(cfg.data)
     assert (pool.labels == -1).all() and pool.in_class.mean() == pytest.approx(0.5)
     env = LocalEnv(pool.images, pool.labels, tmp_path / "ckpt")
     log = _Recorder()

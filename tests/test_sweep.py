@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-from replab.config import ConfigError, load_config
-from replab.platform import sweep
+from replab.config import ConfigError
+from replab.platform.sweep import compute, driver, grid
+from replab.platform.sweep import spec as spec_lib
+from replab.validate import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +40,8 @@ def raw_config(sweep_section: dict, **sections) -> dict:
     return raw
 
 
-def expand(raw: dict) -> list[sweep.Cell]:
-    return sweep.expand(raw, sweep.parse_spec(raw, "/x/test.yaml"))
+def expand(raw: dict) -> list[grid.Cell]:
+    return grid.expand(raw, spec_lib.parse_spec(raw, "/x/test.yaml"))
 
 
 # ------------------------------------------------------------------------------------------ the grid
@@ -71,14 +73,14 @@ def test_grid_is_the_product_of_the_axes_in_order():
     assert ids[0] == "c000-mr18_d100_method-simclr_lr-0.1"
     assert cells[5].axes == {"model_size": "resnet18", "data_size": 200, "method.name": "simclr", "train.lr": 0.2}
     # the sweep name defaults to the file stem + a hash of what defines the trials (not where they are logged)
-    name = sweep.parse_spec(raw, "/x/test.yaml").name
+    name = spec_lib.parse_spec(raw, "/x/test.yaml").name
     assert name.startswith("test-")
     moved = json.loads(json.dumps(raw))
     moved["tracking"] = {"uri": "sqlite:////elsewhere.db"}
     moved["sweep"]["max_concurrent"] = 4
-    assert sweep.parse_spec(moved, "/x/test.yaml").name == name
+    assert spec_lib.parse_spec(moved, "/x/test.yaml").name == name
     moved["train"]["epochs"] = 2
-    assert sweep.parse_spec(moved, "/x/test.yaml").name != name
+    assert spec_lib.parse_spec(moved, "/x/test.yaml").name != name
 
 
 def test_first_class_axes_set_their_keys_and_set_overrides_nested_axes(data_root):
@@ -94,19 +96,19 @@ def test_first_class_axes_set_their_keys_and_set_overrides_nested_axes(data_root
 
 
 def test_data_size_subsets_are_nested(data_root):
-    from replab.platform import data as data_lib
+    from replab.platform.data import arrays, catalog, indexes
 
     raw = raw_config({"axes": {"data_size": [64, 160, 400]}}, data={"root": str(data_root)})
     cells = expand(raw)
     assert [c.config.data.limit for c in cells] == [64, 160, 400]
-    total = data_lib.dataset_info("cifar10", str(data_root)).splits["train"]
+    total = catalog.dataset_info("cifar10", str(data_root)).splits["train"]
     assert total == 50000
-    rows = [set(data_lib.subset_indices(total, c.config.data.limit, c.config.data.seed).tolist()) for c in cells]
+    rows = [set(indexes.subset_indices(total, c.config.data.limit, c.config.data.seed).tolist()) for c in cells]
     assert [len(r) for r in rows] == [64, 160, 400]
     assert rows[0] < rows[1] < rows[2]
     # and the data layer really trains on those images: the 64 decoded images are among the 160
-    small, _ = data_lib.load_arrays("cifar10", str(data_root), "train", 32, limit=64, seed=0)
-    large, _ = data_lib.load_arrays("cifar10", str(data_root), "train", 32, limit=160, seed=0)
+    small, _ = arrays.load_arrays("cifar10", str(data_root), "train", 32, limit=64, seed=0)
+    large, _ = arrays.load_arrays("cifar10", str(data_root), "train", 32, limit=160, seed=0)
     large_keys = {img.tobytes() for img in large}
     assert len(small) == 64 and all(img.tobytes() in large_keys for img in small)
 
@@ -183,30 +185,30 @@ def tiny_variant(path: Path) -> list[str]:
 def test_scaling_experiments_and_their_tiny_variants_validate(name, data_root):
     path = REPO / "experiments" / f"{name}.yaml"
     load_config(path)
-    raw, spec, cells = sweep.plan_sweep(path, [f"data.root={data_root}"])
+    raw, spec, cells = driver.plan_sweep(path, [f"data.root={data_root}"])
     assert len(cells) >= 4 and spec.name == name.replace("_", "-")
-    raw, spec, cells = sweep.plan_sweep(path, [f"data.root={data_root}", *tiny_variant(path)])
+    raw, spec, cells = driver.plan_sweep(path, [f"data.root={data_root}", *tiny_variant(path)])
     assert spec.name.endswith("-tiny") and 2 <= len(cells) <= 4
     for cell in cells:
         c = cell.config
         assert c.train.epochs == 1 and not c.train.use_gpu and c.model.width <= 0.25 and not c.eval.linear
-        assert (c.data.unlabeled_size if sweep.uses_pool(c.data) else c.data.limit) <= 256
-    from replab.platform import data as data_lib
+        assert (c.data.unlabeled_size if spec_lib.uses_pool(c.data) else c.data.limit) <= 256
+    from replab.platform.data import sources
 
     for cell in cells:
-        data_lib.resolve_config(cell.config.data)  # the dataset is there
+        sources.resolve_config(cell.config.data)  # the dataset is there
 
 
 def test_search_space_and_optuna_searcher_per_cell():
     from ray import tune
 
-    from replab.platform.sweep import _searcher, _space
+    from replab.platform.sweep.driver import _searcher, _space
 
     raw = raw_config({"axes": {"data_size": [100]}, "search": {"num_samples": 2, "space": {
         "train.lr": {"type": "loguniform", "low": 0.01, "high": 1.0},
         "method.temperature": {"type": "choice", "values": [0.2, 0.5]},
         "train.warmup_epochs": {"type": "randint", "low": 0, "high": 2}}}})
-    spec = sweep.parse_spec(raw)
+    spec = spec_lib.parse_spec(raw)
     assert (spec.search.metric, spec.search.mode, spec.search.num_samples) == ("eval/knn_top1", "max", 2)
     space = {"cell": "c000", **{k: _space(d) for k, d in spec.search.space.items()}}
     assert isinstance(space["train.lr"], tune.search.sample.Float)
@@ -216,7 +218,7 @@ def test_search_space_and_optuna_searcher_per_cell():
     for s in suggested:  # (Tune merges the constant cell id into each trial's config)
         assert 0.01 <= s["train.lr"] <= 1.0 and s["method.temperature"] in (0.2, 0.5)
         assert s["train.warmup_epochs"] in (0, 1, 2)
-    assert sweep.trial_name("c000", {k: v for k, v in suggested[0].items() if k != "cell"}).startswith("c000-s")
+    assert grid.trial_name("c000", {k: v for k, v in suggested[0].items() if k != "cell"}).startswith("c000-s")
     # epochs without the metric (evaluation only at the end) are ignored, not a KeyError
     searcher.on_trial_result("t0", {"epoch": 1, "training_iteration": 1})
     searcher.on_trial_result("t0", {"epoch": 2, "training_iteration": 2, "eval/knn_top1": 0.3})
@@ -233,14 +235,14 @@ def test_training_flops_scale_with_batch_and_width_and_match_a_real_step():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from replab.platform.loop import build_method
+    from replab.platform.train.loop import build_method
 
     def cfg(**over):
         return load_config(None, [f"{k.replace('__', '.')}={v}" for k, v in {
             "method__proj_hidden_dim": 64, "method__proj_dim": 32, "model__width": 0.125, "train__batch_size": 16,
             **over}.items()])
 
-    base = sweep.count_compute(cfg())
+    base = compute.count_compute(cfg())
     assert base["counted_on"] == "meta" and base["batch_size"] == 16
     method = build_method(cfg())
     assert base["params"] == sum(p.numel() for p in method.backbone.parameters())
@@ -250,12 +252,12 @@ def test_training_flops_scale_with_batch_and_width_and_match_a_real_step():
     with FlopCounterMode(display=False) as counter:
         method(views, None).loss.backward()
     assert base["flops_per_step"] == counter.get_total_flops()
-    double = sweep.count_compute(cfg(train__batch_size=32))
+    double = compute.count_compute(cfg(train__batch_size=32))
     assert double["flops_per_step"] == pytest.approx(2 * base["flops_per_step"], rel=0.02)
-    wide = sweep.count_compute(cfg(model__width=0.25))
+    wide = compute.count_compute(cfg(model__width=0.25))
     assert 3.0 < wide["flops_per_step"] / base["flops_per_step"] < 4.5  # convolutions grow with width^2
     assert 3.0 < wide["params"] / base["params"] < 4.5
-    byol = sweep.count_compute(cfg(method__name="byol"))
+    byol = compute.count_compute(cfg(method__name="byol"))
     assert byol["flops_per_step"] > base["flops_per_step"]  # BYOL runs the teacher too
 
 
@@ -311,7 +313,7 @@ def killed_and_resumed(ray_session, data_root, tmp_path_factory):
     after_kill = {r.data.tags.get("replab.trial"): r.info.status for r in client.search_runs([exp.experiment_id])
                   if r.data.tags.get("replab.role") == "trial"}
     resumed_start = time.time()
-    result = sweep.run_sweep(config, resume=True)
+    result = driver.run_sweep(config, resume=True)
     resumed_wall = time.time() - resumed_start
     return {"tmp": tmp, "config": config, "uri": uri, "result": result, "done_before_kill": done_before_kill, "trials": trials,
             "after_kill": after_kill, "first_wall": killed_at - start, "resumed_wall": resumed_wall}
@@ -394,7 +396,7 @@ def test_resumed_sweep_does_not_rerun_finished_trials(killed_and_resumed):
         assert [h.value for h in client.get_metric_history(run_id, "epoch")] == [1.0]
     # a second resume has nothing left to run: no trial trains again
     before = {n: len((trials / n / "starts.log").read_text().splitlines()) for n in names}
-    again = sweep.run_sweep(k["config"], resume=True, report=False)
+    again = driver.run_sweep(k["config"], resume=True, report=False)
     assert not again.interrupted and len(again.trials) == 4
     assert {n: len((trials / n / "starts.log").read_text().splitlines()) for n in names} == before
     assert np.all([t["status"] == "FINISHED" for t in again.trials])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from replab.config import load_config
+from replab.validate import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def mlflow_runs(uri, experiment):
 
 
 def test_two_worker_ray_train_run_logs_to_mlflow(ray_session, data_root, tmp_path):
-    from replab.platform.train import fit
+    from replab.platform.train.ray_train import fit
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, TINY + [
@@ -89,17 +89,15 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, data_root, tmp_path
     epochs = [m.value for m in client.get_metric_history(runs[0].info.run_id, "epoch")]
     assert epochs[-1] == 3
     assert 1 in epochs and epochs.count(1) == 1  # epoch 1 was not trained again after the restart
-    from replab.platform.checkpoints import latest_checkpoint
-    from replab.platform.loop import load_checkpoint
+    from replab.platform.train.checkpoints import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(str(storage / "resume-me")))["epoch"] == 3
 
 
 def test_two_worker_queue_method_under_ray(ray_session, data_root, tmp_path):
     """MoCo v2 (momentum encoder + a queue of keys gathered over workers, shuffle-BN) on 2 Ray workers."""
-    from replab.platform.checkpoints import latest_checkpoint
-    from replab.platform.loop import load_checkpoint
-    from replab.platform.train import fit
+    from replab.platform.train.checkpoints import latest_checkpoint, load_checkpoint
+    from replab.platform.train.ray_train import fit
 
     cfg = load_config(None, TINY + [
         f"data.root={data_root}", "method.name=mocov2", "method.queue_size=384", "train.epochs=2",

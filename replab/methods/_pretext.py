@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.models.backbones import is_vit
-from replab.platform.augment import IMAGENET_MEAN, IMAGENET_STD
+from replab.platform.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
 def unnormalize(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.methods.byol import byol_views
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

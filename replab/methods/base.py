@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass(frozen=True)
@@ -168,8 +168,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 def params_from_dict(cls: type, values: dict[str, Any], method: str) -> Any:
     """Validate ``values`` against the dataclass ``cls`` (the method's ``Params``)."""
-    from replab.config import ConfigError, coerce
     import typing
+
+    from replab.config import ConfigError, coerce
 
     if not dataclasses.is_dataclass(cls):
         if values:

@@ -16,7 +16,7 @@ import torch
 from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput, ema_momentum, ema_update, frozen_copy
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

@@ -37,7 +37,7 @@ from replab.methods import losses, registry
 from replab.methods._pretext import spatial_features
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.methods.distributed import all_reduce_sum
-from replab.platform.augment import ViewSpec, normalize
+from replab.platform.data.augment import ViewSpec, normalize
 
 # Linear sRGB -> XYZ under D65 (as in OpenCV and scikit-image); the white point is its row sums, so that
 # white has a = b = 0 exactly.

@@ -28,7 +28,7 @@ from torch import nn
 from replab.methods import losses, registry
 from replab.methods._pretext import fit_to_backbone
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

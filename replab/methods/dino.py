@@ -31,7 +31,7 @@ from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput, ema_momentum, ema_update, frozen_copy
 from replab.methods.swav import local_crop_size, zero_grad_through
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

@@ -35,7 +35,7 @@ from replab.methods import losses, registry
 from replab.methods._pretext import unnormalize
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.methods.distributed import gather
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 HASH_SIDE = 8
 HASH_LEVELS = 32

@@ -42,7 +42,7 @@ from replab.methods import losses, registry
 from replab.methods._pretext import spatial_features
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.models.backbones import is_vit
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import nn
 from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.models.backbones import VITS, is_vit
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

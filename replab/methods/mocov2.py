@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from replab.methods import distributed, losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput, ema_update, frozen_copy
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

@@ -36,7 +36,7 @@ from replab.methods.base import Method, OptimizerDefaults, StepOutput, ema_momen
 from replab.methods.byol import byol_views
 from replab.models.backbones import is_vit
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

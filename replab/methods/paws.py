@@ -2,7 +2,7 @@
 
 Every step sees the unlabeled batch (2 global views + multi-crops) and a class-balanced labeled support set
 (C classes x M images x 2 views, :class:`~replab.methods.base.SupportSpec`, drawn by
-:mod:`replab.platform.semisup`). An image's prediction is a soft nearest-neighbour classifier over the
+:mod:`replab.platform.data.support`). An image's prediction is a soft nearest-neighbour classifier over the
 supports (cosine / tau against the supports gathered over every worker, label-smoothed one-hot labels); its
 target is the sharpened prediction of its *other* global view (the multi-crops get the mean of both), so
 views of the same image must agree on their assignment to the labeled classes:
@@ -32,7 +32,7 @@ import torch
 from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput, Support, SupportSpec
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass
@@ -101,7 +101,7 @@ class PAWS(Method):
         # ``labels`` (the unlabeled batch's, -1 or not) are deliberately never used.
         if support is None:
             raise ValueError(f"{self.name} needs a labeled support batch every step: set data.labels_per_class "
-                             "(the loop draws it with replab.platform.semisup.support_sampler)")
+                             "(the loop draws it with replab.platform.data.support.support_sampler)")
         n = views[0].shape[0]
         s_views = list(support.views)
         n_sup = sum(v.shape[0] for v in s_views)

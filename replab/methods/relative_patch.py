@@ -32,7 +32,7 @@ from torch import nn
 from replab.methods import registry
 from replab.methods._pretext import crop_tiles, fit_to_backbone, grid_corners, unnormalize
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
-from replab.platform.augment import ViewSpec, normalize
+from replab.platform.data.augment import ViewSpec, normalize
 
 
 @dataclass

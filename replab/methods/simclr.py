@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from replab.methods import losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.models.heads import mlp
-from replab.platform.augment import ViewSpec
+from replab.platform.data.augment import ViewSpec
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replab.platform.augment import normalize, resize, to_float
+from replab.platform.data.augment import normalize, resize, to_float
 
 
 @dataclass

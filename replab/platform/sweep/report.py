@@ -7,7 +7,7 @@ error; completed trials before ones ASHA stopped early). The error is ``1 - eval
 measured by: ``model_size`` -> encoder parameters, ``data_size`` -> training images, ``resolution`` -> pixels
 per side, ``compute`` -> training FLOPs.
 
-It fits (see :mod:`replab.platform.scaling`)
+It fits (see :mod:`replab.platform.sweep.fits`)
 
 - ``error = a * x^(-b) + c`` along each first-class axis with two or more values, separately for every
   combination of the other axes' values (the other axes fixed);
@@ -34,15 +34,9 @@ from typing import Any
 import numpy as np
 
 from replab.config import ConfigError
-from replab.platform import scaling
-from replab.platform.sweep import (
-    FIRST_CLASS_AXES,
-    ROLE_TAG,
-    SWEEP_TAG,
-    error_of,
-    retry,
-    trial_table,
-)
+from replab.platform.sweep import fits as scaling
+from replab.platform.sweep.runs import ROLE_TAG, SWEEP_TAG, retry, trial_table
+from replab.platform.sweep.spec import FIRST_CLASS_AXES, error_of
 
 AXIS_X = {
     "model_size": ("compute/params", "encoder parameters"),

@@ -2,7 +2,7 @@
 model size N (parameters) and data size D (images), bootstrap confidence intervals, R^2, a held-out check,
 and the compute frontier with the model/data split a joint fit implies.
 
-Pure numpy/scipy, no MLflow or Ray: :mod:`replab.platform.report` feeds it the sweep's points.
+Pure numpy/scipy, no MLflow or Ray: :mod:`replab.platform.sweep.report` feeds it the sweep's points.
 
 Fitting. x (and N, D) are divided by their geometric mean before fitting so the amplitude is well scaled;
 parameters are reported in the original units. ``curve_fit`` (trust-region, bounded: a, b >= 0, exponents

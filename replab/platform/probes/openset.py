@@ -15,7 +15,7 @@ labeled set only (k labels per class, or a label fraction such as 1% / 10%) for 
 Nesterov momentum and a cosine schedule, random-resized-crop + flip; reported: closed-set top-1 and the
 max-softmax-probability AUROC.
 
-Labels: the labeled set comes from the run's split file (:mod:`replab.platform.semisup`) or, for runs
+Labels: the labeled set comes from the run's split file (:mod:`replab.platform.data.labeled`) or, for runs
 without one, from ``labels_per_class`` / ``label_fraction`` given here; the known classes are
 ``data.known_classes`` (default all, in which case only the ``ood`` AUROC is defined).
 
@@ -30,15 +30,14 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replab.platform.augment import ViewSpec, make_views
-from replab.platform.evaluate import autocast_context, extract_features
+from replab.platform.data.augment import ViewSpec, make_views
+from replab.platform.probes.frozen import autocast_context, extract_features
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +141,8 @@ def load_openset_data(
     ``eval.bank_limit``. Test: ``eval.test_split`` (default test / val) of the dataset, ``test_limit`` (default
     ``eval.test_limit``) images. OOD: ``ood_limit`` images of ``ood_dataset``/``ood_split`` (none when empty).
     """
-    from replab.platform import data as data_lib
-    from replab.platform import semisup
+    from replab.platform.data import arrays, catalog
+    from replab.platform.data import labeled
 
     data = cfg.data
     if known_classes is not None:
@@ -156,12 +155,12 @@ def load_openset_data(
     dataset = cfg.eval.dataset or data.dataset
     common = dict(root=data.root, resolution=data.resolution, image_column=data.image_column,
                   label_column=data.label_column)
-    if semisup.is_semisupervised(data) and dataset == data.dataset:
-        split = semisup.labeled_split(data)
+    if labeled.is_semisupervised(data) and dataset == data.dataset:
+        split = labeled.labeled_split(data)
         known = split.known_classes
-        images, labels = semisup.load_labeled(data, split)
+        images, labels = labeled.load_labeled(data, split)
     else:
-        bank_images, bank_labels = data_lib.load_arrays(dataset, split=cfg.eval.train_split, limit=cfg.eval.bank_limit,
+        bank_images, bank_labels = arrays.load_arrays(dataset, split=cfg.eval.train_split, limit=cfg.eval.bank_limit,
                                                         seed=data.seed, **common)
         present = np.unique(bank_labels[bank_labels >= 0])
         known = [int(c) for c in (data.known_classes if data.known_classes is not None else present)]
@@ -169,12 +168,12 @@ def load_openset_data(
         lut = {c: i for i, c in enumerate(known)}
         images = bank_images[keep]
         labels = np.asarray([lut[int(y)] for y in bank_labels[keep]], np.int64)
-    test_split = cfg.eval.test_split or data_lib.default_test_split(dataset, data.root)
+    test_split = cfg.eval.test_split or catalog.default_test_split(dataset, data.root)
     limit = test_limit if test_limit is not None else cfg.eval.test_limit
-    test_images, test_labels = data_lib.load_arrays(dataset, split=test_split, limit=limit, seed=data.seed, **common)
+    test_images, test_labels = arrays.load_arrays(dataset, split=test_split, limit=limit, seed=data.seed, **common)
     ood_images = None
     if ood_dataset:
-        ood_images, _ = data_lib.load_arrays(ood_dataset, split=ood_split, limit=ood_limit, seed=data.seed, **common)
+        ood_images, _ = arrays.load_arrays(ood_dataset, split=ood_split, limit=ood_limit, seed=data.seed, **common)
     return OpenSetData(images, labels, list(known), test_images, test_labels, ood_images,
                        f"{ood_dataset}/{ood_split}" if ood_dataset else "")
 
@@ -350,7 +349,7 @@ def openset_report(
     """Open-set metrics of ``encoder`` under ``cfg`` (a RunConfig): the frozen SNN metrics (``openset/*``)
     and, when ``finetune_epochs > 0``, the fine-tuning metrics (``finetune/*``). The OOD dataset is skipped
     (with a warning) when it cannot be found."""
-    from replab.platform.data import DataError
+    from replab.platform.data.datasets import DataError
 
     kw = dict(known_classes=known_classes, labels_per_class=labels_per_class, label_fraction=label_fraction,
               test_limit=test_limit)
@@ -369,18 +368,3 @@ def openset_report(
     return out
 
 
-def evaluate_openset_target(target: str, cfg, **options: Any) -> dict[str, Any]:
-    """:func:`openset_report` for the encoder of a run (MLflow run id or name, run folder, or checkpoint
-    folder): ``replab eval --openset``. Metrics are logged to the run as ``eval_cli/openset/*``.
-
-    The run's own data section (dataset, known classes, labeled split) is used; ``cfg`` gives the eval and
-    tracking sections and the data root. ``options`` go to :func:`openset_report`.
-    """
-    from replab.platform.evaluation_cli import load_run
-    from replab.platform.loop import use_bf16
-
-    run = load_run(target, cfg)
-    options.setdefault("bf16", use_bf16(run.cfg.train.precision, run.device))
-    results: dict[str, Any] = openset_report(run.cfg, run.method.encoder, run.device, **options)
-    run.log(cfg, results)
-    return {**results, "epoch": run.epoch, "checkpoint": run.folder}

@@ -358,7 +358,7 @@ def convert_imagenette(archive: str, out_dir: str, size: int = 128, quality: int
     """``imagenette2-160.tgz`` -> parquet layout, every image short-side resized + centre-cropped to ``size``."""
     from PIL import Image
 
-    from replab.platform.decode import SkipImage, decode_image
+    from replab.platform.data.decode import SkipImage, decode_image
 
     splits: dict[str, list[tuple[bytes, str, int]]] = {"train": [], "val": []}
     wnids: set[str] = set()
@@ -391,10 +391,10 @@ def convert_imagenette(archive: str, out_dir: str, size: int = 128, quality: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m replab.platform.datasets download NAME [--root DIR] [--force]`` (also ``list``)."""
+    """``python -m replab.platform.data.datasets download NAME [--root DIR] [--force]`` (also ``list``)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m replab.platform.datasets")
+    parser = argparse.ArgumentParser(prog="python -m replab.platform.data.datasets")
     sub = parser.add_subparsers(dest="cmd", required=True)
     dl = sub.add_parser("download", help="download and convert a named dataset")
     dl.add_argument("name", choices=NAMED_DATASETS)

@@ -1,4 +1,5 @@
-"""Finding and fetching a run's checkpoints (local paths or URIs, through pyarrow filesystems).
+"""A run's checkpoints: writing and reading ``state.pt``, and finding and fetching the newest one (local paths
+or URIs, through pyarrow filesystems).
 
 Ray Train writes ``<storage_path>/<run name>/checkpoint_<timestamp>/state.pt``; a plain run of the loop
 writes ``checkpoint_epoch_<n>``. Either way the newest folder holding ``state.pt`` is the last checkpoint.
@@ -6,12 +7,19 @@ writes ``checkpoint_epoch_<n>``. Either way the newest folder holding ``state.pt
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
+import torch
 
-from replab.platform.loop import CHECKPOINT_FILE
+if TYPE_CHECKING:
+    from replab.config import RunConfig
+    from replab.methods.base import Method
+
+CHECKPOINT_FILE = "state.pt"
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
@@ -45,3 +53,24 @@ def fetch(checkpoint: str) -> str:
     local = tempfile.mkdtemp(prefix="replab-ckpt-")
     pafs.copy_files(checkpoint, local)
     return local
+
+
+def save_checkpoint(method: Method, optimizer: torch.optim.Optimizer, epoch: int, step: int, cfg: RunConfig) -> str:
+    """Write a checkpoint into a fresh folder (``mkdtemp``: Ray uploads it after this returns)."""
+    folder = tempfile.mkdtemp(prefix="replab-ckpt-")
+    state = {
+        "method": method.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "config": cfg.to_dict(),
+    }
+    tmp = os.path.join(folder, CHECKPOINT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(folder, CHECKPOINT_FILE))
+    return folder
+
+
+def load_checkpoint(folder: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
+

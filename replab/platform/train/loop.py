@@ -3,7 +3,7 @@
 :func:`train_worker` runs one worker's share of a run. Everything that differs between Ray Train and a plain
 process sits behind :class:`WorkerEnv` (where batches come from, how a checkpoint is reported, where the
 last one is), so tests and GPU benchmarks call the same loop directly through :class:`LocalEnv`, and
-:mod:`replab.platform.train` wraps it in a Ray Train ``TorchTrainer``.
+:mod:`replab.platform.train.ray_train` wraps it in a Ray Train ``TorchTrainer``.
 
 Per step: uint8 batch -> the method's views on the device (:func:`make_views`) -> ``forward`` under bf16
 autocast where enabled -> backward -> optimizer step -> ``update_teacher``. The learning rate follows
@@ -18,7 +18,6 @@ import math
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,15 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from replab.config import RunConfig, from_dict
+from replab.config import RunConfig
 from replab.methods import registry
 from replab.methods.base import Method, Progress, Support
 from replab.models.backbones import build_backbone
-from replab.platform import optim
-from replab.platform.augment import make_views
-from replab.platform.evaluate import EvalData, autocast_context, evaluate_encoder
-
-CHECKPOINT_FILE = "state.pt"
+from replab.platform.data.augment import make_views
+from replab.platform.probes.frozen import EvalData, autocast_context, evaluate_encoder
+from replab.platform.train import optim
+from replab.platform.train.checkpoints import load_checkpoint, save_checkpoint
+from replab.validate import from_dict
 
 
 def cpu_has_bf16() -> bool:
@@ -147,7 +146,7 @@ class LocalEnv(WorkerEnv):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, checkpoint_root: str | os.PathLike,
                  device: str | torch.device = "cpu", seed: int = 0, skipped: int = 0, prefetch: int | None = None):
-        from replab.platform.data import iterate_batches
+        from replab.platform.data.arrays import iterate_batches
 
         self._iterate = iterate_batches
         self.images, self.labels = images, labels
@@ -204,24 +203,183 @@ def optimizer_settings(cfg: RunConfig, method: Method) -> tuple[str, float, floa
     return name, base_lr * cfg.train.batch_size / 256, wd
 
 
-def save_checkpoint(method: Method, optimizer: torch.optim.Optimizer, epoch: int, step: int, cfg: RunConfig) -> str:
-    """Write a checkpoint into a fresh folder (``mkdtemp``: Ray uploads it after this returns)."""
-    folder = tempfile.mkdtemp(prefix="replab-ckpt-")
-    state = {
-        "method": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
+@dataclass
+class Schedule:
+    """Steps and learning rate of a run: every worker runs ``steps_per_epoch`` steps of ``local_batch`` images."""
+
+    local_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    min_lr_ratio: float
+
+    def lr(self, step: int) -> float:
+        return optim.lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr, self.min_lr_ratio)
+
+
+def schedule_for(cfg: RunConfig, num_rows: int, world_size: int, peak_lr: float) -> Schedule:
+    """The :class:`Schedule` of ``cfg`` over ``num_rows`` training images (``train.steps_per_epoch`` caps an
+    epoch; warm-up is ``train.warmup_epochs`` but at most a tenth of the run)."""
+    steps_per_epoch = num_rows // cfg.train.batch_size
+    if cfg.train.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the {num_rows} training images; "
+            "lower train.batch_size or raise data.limit"
+        )
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = min(int(cfg.train.warmup_epochs * steps_per_epoch), total_steps // 10)
+    return Schedule(cfg.train.batch_size // world_size, steps_per_epoch, total_steps, warmup_steps, peak_lr,
+                    cfg.train.min_lr_ratio)
+
+
+@dataclass
+class Worker:
+    """Everything one worker trains with: the method (and its wrapped / compiled ``model``), the optimizer,
+    the schedule, the view specs and the precision switches."""
+
+    cfg: RunConfig
+    env: WorkerEnv
+    method: Method
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    bf16: bool
+    channels_last: bool
+    specs: list = field(default_factory=list)
+    """The method's view specs (``method.views()``)."""
+    support_spec: Any = None
+    """The method's :class:`SupportSpec` (semi-supervised methods) or None."""
+    support_batches: Iterator | None = None
+    logger: Any = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.env.rank == 0
+
+
+def build_worker(cfg: RunConfig, env: WorkerEnv, num_rows: int, logger: Any = None) -> tuple[Worker, int, int]:
+    """The seeded :class:`Worker` of ``cfg`` in ``env``, restored from the env's latest checkpoint when there is
+    one; returns it with the (epoch, step) to start from."""
+    device = env.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # input shapes are fixed per view: time the conv algorithms once
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg).to(device)
+    channels_last = cfg.train.channels_last and device.type in ("cuda", "cpu")
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    opt_name, peak_lr, wd = optimizer_settings(cfg, method)
+    optimizer = optim.build_optimizer(
+        opt_name, method.parameter_groups(wd), peak_lr, method.optimizer.momentum, method.optimizer.betas,
+        fused=device.type == "cuda",
+    )
+    schedule = schedule_for(cfg, num_rows, env.world_size, peak_lr)
+
+    start_epoch, step = 0, 0
+    resume_dir = env.latest_checkpoint()
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, map_location=device)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+
+    model = env.wrap(method, method.find_unused_parameters)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    specs = method.views()
+    support_spec = method.support()
+    support_batches = None
+    if support_spec is not None:
+        from replab.platform.data.support import support_sampler
+
+        support_batches = support_sampler(cfg, support_spec, env.rank, env.world_size, device, start_epoch)
+    torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start_epoch)  # per-worker augmentation stream
+    worker = Worker(cfg, env, method, model, optimizer, schedule, use_bf16(cfg.train.precision, device),
+                    channels_last, specs, support_spec, support_batches, logger)
+    return worker, start_epoch, step
+
+
+def _views(worker: Worker, images: torch.Tensor, specs) -> list[torch.Tensor]:
+    views = make_views(images, specs)
+    if worker.channels_last:
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
+
+
+def train_step(worker: Worker, batch: dict[str, torch.Tensor], step: int, epoch: int) -> tuple[Any, float]:
+    """One optimisation step on ``batch`` at global step ``step``: views (and the labeled support of
+    semi-supervised methods) made on the device, forward under autocast, backward, optimizer and teacher
+    update. Returns the method's :class:`StepOutput` and the learning rate used."""
+    cfg, method, device = worker.cfg, worker.method, worker.env.device
+    images = batch["image"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True) if "label" in batch else None
+    lr = worker.schedule.lr(step)
+    optim.set_lr(worker.optimizer, lr)
+    method.progress = Progress(step=step, total_steps=worker.schedule.total_steps, epoch=epoch,
+                               epochs=cfg.train.epochs)
+    with torch.no_grad():
+        views = _views(worker, images, worker.specs)
+        extra = {}
+        if worker.support_batches is not None:
+            s_images, s_labels = next(worker.support_batches)
+            s_views = _views(worker, s_images.to(device, non_blocking=True), list(worker.support_spec.views))
+            extra["support"] = Support(s_views, s_labels.to(device, non_blocking=True))
+    with autocast_context(device, worker.bf16):
+        out = worker.model(views, labels, **extra)
+    worker.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    worker.optimizer.step()
+    method.update_teacher()
+    return out, lr
+
+
+def step_metrics(out: Any, step: int, lr: float, images_per_sec: float) -> dict[str, float]:
+    """The per-step record of a logging step; raises FloatingPointError on a non-finite loss."""
+    loss_value = out.loss.item()  # the one host sync, on logging steps only
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"train/loss became {loss_value} at step {step}; lower train.lr or use precision=fp32")
+    metrics = {"train/loss": loss_value, "train/lr": lr, "train/images_per_sec": images_per_sec}
+    metrics.update({f"train/{k}": float(v) for k, v in out.metrics.items()})
+    if out.embeddings is not None:
+        metrics["train/embedding_std"] = embedding_std(out.embeddings)
+    return metrics
+
+
+def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[dict[str, Any], int]:
+    """One epoch of ``steps_per_epoch`` steps from global step ``step``: (the epoch's record, the new step)."""
+    cfg, env = worker.cfg, worker.env
+    worker.method.train()
+    loss_sum = torch.zeros((), device=env.device)
+    steps_in_epoch = 0
+    interval_images, interval_start = 0, time.perf_counter()
+    epoch_start = interval_start
+    for batch in env.batches(epoch, worker.schedule.local_batch):
+        if steps_in_epoch >= worker.schedule.steps_per_epoch:
+            break
+        out, lr = train_step(worker, batch, step, epoch)
+        loss_sum += out.loss.detach().float()
+        step += 1
+        steps_in_epoch += 1
+        interval_images += batch["image"].shape[0] * env.world_size
+        if worker.is_chief and step % cfg.train.log_every == 0:
+            now = time.perf_counter()
+            metrics = step_metrics(out, step, lr, interval_images / max(now - interval_start, 1e-9))
+            if worker.logger is not None:
+                worker.logger.metrics(metrics, step=step)
+            interval_images, interval_start = 0, now
+    epoch_time = time.perf_counter() - epoch_start
+    record: dict[str, Any] = {
+        "epoch": epoch + 1,
         "step": step,
-        "config": cfg.to_dict(),
+        "train/epoch_loss": (loss_sum / max(steps_in_epoch, 1)).item(),
+        "train/epoch_images_per_sec": steps_in_epoch * cfg.train.batch_size / max(epoch_time, 1e-9),
+        "train/epoch_time_s": epoch_time,
+        "data/skipped": env.skipped(),
     }
-    tmp = os.path.join(folder, CHECKPOINT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, os.path.join(folder, CHECKPOINT_FILE))
-    return folder
-
-
-def load_checkpoint(folder: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
-    return torch.load(Path(folder) / CHECKPOINT_FILE, map_location=map_location, weights_only=True)
+    return record, step
 
 
 def train_worker(
@@ -239,143 +397,42 @@ def train_worker(
     """
     if isinstance(cfg, dict):
         cfg = from_dict(cfg)
-    device = env.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # input shapes are fixed per view: time the conv algorithms once
-    torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg).to(device)
-    bf16 = use_bf16(cfg.train.precision, device)
-    channels_last = cfg.train.channels_last and device.type in ("cuda", "cpu")
-    if channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    opt_name, peak_lr, wd = optimizer_settings(cfg, method)
-    optimizer = optim.build_optimizer(
-        opt_name, method.parameter_groups(wd), peak_lr, method.optimizer.momentum, method.optimizer.betas,
-        fused=device.type == "cuda",
-    )
-
-    local_batch = cfg.train.batch_size // env.world_size
-    steps_per_epoch = num_rows // cfg.train.batch_size
-    if cfg.train.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.train.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the {num_rows} training images; "
-            "lower train.batch_size or raise data.limit"
-        )
-    total_steps = steps_per_epoch * cfg.train.epochs
-    warmup_steps = min(int(cfg.train.warmup_epochs * steps_per_epoch), total_steps // 10)
-
-    start_epoch, step = 0, 0
-    resume_dir = env.latest_checkpoint()
-    if resume_dir is not None:
-        state = load_checkpoint(resume_dir, map_location=device)
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-
-    model = env.wrap(method, method.find_unused_parameters)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    specs = method.views()
-    support_spec = method.support()
-    support_batches = None
-    if support_spec is not None:
-        from replab.platform.semisup import support_sampler
-
-        support_batches = support_sampler(cfg, support_spec, env.rank, env.world_size, device, start_epoch)
-    torch.manual_seed(cfg.train.seed * 1000 + env.rank + 7919 * start_epoch)  # per-worker augmentation stream
-
-    is_chief = env.rank == 0
-    eval_data = eval_data_fn() if (is_chief and eval_data_fn and (cfg.eval.knn or cfg.eval.linear)) else None
+    worker, start_epoch, step = build_worker(cfg, env, num_rows, logger)
+    eval_data = None
+    if worker.is_chief and eval_data_fn and (cfg.eval.knn or cfg.eval.linear):
+        eval_data = eval_data_fn()
     history: list[dict[str, Any]] = []
 
-    def run_eval(epoch: int) -> dict[str, float]:
+    def run_eval() -> dict[str, float]:
         if eval_data is None:
             return {}
         return evaluate_encoder(
-            method.encoder, eval_data, cfg.data.resolution, device, knn=cfg.eval.knn, linear=cfg.eval.linear,
-            k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, linear_epochs=cfg.eval.linear_epochs,
-            linear_lr=cfg.eval.linear_lr, batch_size=cfg.eval.batch_size, bf16=bf16, channels_last=channels_last,
+            worker.method.encoder, eval_data, cfg.data.resolution, env.device, knn=cfg.eval.knn,
+            linear=cfg.eval.linear, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+            linear_epochs=cfg.eval.linear_epochs, linear_lr=cfg.eval.linear_lr, batch_size=cfg.eval.batch_size,
+            bf16=worker.bf16, channels_last=worker.channels_last,
         )
 
-    if start_epoch == 0 and cfg.eval.before_training and is_chief:
-        baseline = run_eval(0)
+    if start_epoch == 0 and cfg.eval.before_training and worker.is_chief:
+        baseline = run_eval()
         if baseline and logger is not None:
             logger.metrics({**baseline, **{k.replace("eval/", "eval/init_"): v for k, v in baseline.items()}}, step=0)
         history.append({"epoch": 0, **baseline})
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        method.train()
-        loss_sum = torch.zeros((), device=device)
-        steps_in_epoch = 0
-        interval_images, interval_start = 0, time.perf_counter()
-        epoch_start = interval_start
-        for batch in env.batches(epoch, local_batch):
-            if steps_in_epoch >= steps_per_epoch:
-                break
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True) if "label" in batch else None
-            lr = optim.lr_at(step, total_steps, warmup_steps, peak_lr, cfg.train.min_lr_ratio)
-            optim.set_lr(optimizer, lr)
-            method.progress = Progress(step=step, total_steps=total_steps, epoch=epoch, epochs=cfg.train.epochs)
-            with torch.no_grad():
-                views = make_views(images, specs)
-                if channels_last:
-                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                extra = {}
-                if support_batches is not None:
-                    s_images, s_labels = next(support_batches)
-                    s_views = make_views(s_images.to(device, non_blocking=True), list(support_spec.views))
-                    if channels_last:
-                        s_views = [v.contiguous(memory_format=torch.channels_last) for v in s_views]
-                    extra["support"] = Support(s_views, s_labels.to(device, non_blocking=True))
-            with autocast_context(device, bf16):
-                out = model(views, labels, **extra)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            method.update_teacher()
-            loss_sum += out.loss.detach().float()
-            step += 1
-            steps_in_epoch += 1
-            interval_images += images.shape[0] * env.world_size
-            if is_chief and step % cfg.train.log_every == 0:
-                loss_value = out.loss.item()  # the one host sync, on logging steps only
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"train/loss became {loss_value} at step {step}; lower train.lr or use precision=fp32"
-                    )
-                now = time.perf_counter()
-                metrics = {"train/loss": loss_value, "train/lr": lr,
-                           "train/images_per_sec": interval_images / max(now - interval_start, 1e-9)}
-                metrics.update({f"train/{k}": float(v) for k, v in out.metrics.items()})
-                if out.embeddings is not None:
-                    metrics["train/embedding_std"] = embedding_std(out.embeddings)
-                if logger is not None:
-                    logger.metrics(metrics, step=step)
-                interval_images, interval_start = 0, now
-
-        epoch_time = time.perf_counter() - epoch_start
+        record, step = train_epoch(worker, epoch, step)
         done = epoch + 1
-        record: dict[str, Any] = {
-            "epoch": done,
-            "step": step,
-            "train/epoch_loss": (loss_sum / max(steps_in_epoch, 1)).item(),
-            "train/epoch_images_per_sec": steps_in_epoch * cfg.train.batch_size / max(epoch_time, 1e-9),
-            "train/epoch_time_s": epoch_time,
-            "data/skipped": env.skipped(),
-        }
         due_eval = done == cfg.train.epochs or (cfg.eval.every and done % cfg.eval.every == 0)
-        if due_eval and is_chief:
-            record.update(run_eval(done))
-        if is_chief:
+        if due_eval and worker.is_chief:
+            record.update(run_eval())
+        if worker.is_chief:
             print(progress_line(record, cfg.train.epochs), flush=True)
             if logger is not None:
                 logger.metrics({k: v for k, v in record.items() if k not in ("epoch", "step")} | {"epoch": done},
                                step=step)
         due_ckpt = done == cfg.train.epochs or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
-        checkpoint_dir = save_checkpoint(method, optimizer, done, step, cfg) if (due_ckpt and is_chief) else None
+        checkpoint_dir = (save_checkpoint(worker.method, worker.optimizer, done, step, cfg)
+                          if (due_ckpt and worker.is_chief) else None)
         env.report(record, checkpoint_dir)
         history.append(record)
     return LoopResult(epochs_done=cfg.train.epochs, steps=step, history=history)

@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
-from replab.config import ConfigError, RunConfig, from_dict
+from replab.config import ConfigError, RunConfig
 from replab.methods.base import Method
-from replab.platform import checkpoints, tracking
-from replab.platform.evaluate import evaluate_encoder
-from replab.platform.loop import CHECKPOINT_FILE, build_method, load_checkpoint, use_bf16
+from replab.platform import tracking
+from replab.platform.train import checkpoints
+from replab.platform.train.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from replab.platform.train.loop import build_method
+from replab.validate import from_dict
 
 
 def _checkpoint_for(target: str, cfg: RunConfig) -> tuple[str, str | None]:
@@ -68,7 +70,7 @@ def load_run(target: str, cfg: RunConfig) -> LoadedRun:
     The run's model, method, data and resolution are kept; the eval section, tracking and data root come from
     ``cfg`` (the command line's).
     """
-    from replab.platform.train import resolve_paths
+    from replab.platform.train.ray_train import resolve_paths
 
     folder, run_id = _checkpoint_for(target, cfg)
     state = load_checkpoint(folder)
@@ -83,19 +85,3 @@ def load_run(target: str, cfg: RunConfig) -> LoadedRun:
     return LoadedRun(run_cfg, method, device, folder, run_id, int(state["epoch"]), int(state["step"]))
 
 
-def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool = True) -> dict[str, Any]:
-    """kNN / linear-probe accuracy of the encoder in ``target``; logged to its run when there is one."""
-    from replab.platform.train import load_eval_data
-
-    run = load_run(target, cfg)
-    eval_data = load_eval_data(run.cfg)
-    if eval_data is None:
-        raise ConfigError(f"eval.dataset: {run.cfg.eval.dataset or run.cfg.data.dataset} has no labels to evaluate with")
-    c = run.cfg.eval
-    results = evaluate_encoder(
-        run.method.encoder, eval_data, run.cfg.data.resolution, run.device, knn=knn, linear=linear, k=c.knn_k,
-        temperature=c.knn_temperature, linear_epochs=c.linear_epochs, linear_lr=c.linear_lr,
-        batch_size=c.batch_size, bf16=use_bf16(run.cfg.train.precision, run.device),
-    )
-    run.log(cfg, results)
-    return {**results, "epoch": run.epoch, "checkpoint": run.folder}

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from replab.config import RunConfig, from_dict
-from replab.platform import data as data_lib
+from replab.config import RunConfig
 from replab.platform import tracking
-from replab.platform.evaluate import EvalData
-from replab.platform.loop import WorkerEnv, load_checkpoint, train_worker
+from replab.platform.data import arrays, catalog, datasets, pipeline, skips, sources
+from replab.platform.probes.frozen import EvalData
+from replab.platform.train.checkpoints import load_checkpoint
+from replab.platform.train.loop import WorkerEnv, train_worker
+from replab.validate import from_dict
 
 
 @dataclass
@@ -41,7 +43,7 @@ def is_uri(path: str) -> bool:
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """Make every local path absolute (Ray workers do not share the driver's working directory)."""
-    data = replace(cfg.data, root=data_lib.data_root(cfg.data.root))
+    data = replace(cfg.data, root=datasets.data_root(cfg.data.root))
     if not is_uri(cfg.data.dataset) and Path(cfg.data.dataset).exists():
         data = replace(data, dataset=str(Path(cfg.data.dataset).resolve()))
     if data.split_file and not is_uri(data.split_file):
@@ -76,14 +78,14 @@ def run_name(cfg: RunConfig) -> str:
 def load_eval_data(cfg: RunConfig) -> EvalData | None:
     """The kNN bank (train split) and test split of ``eval.dataset`` (default: the training dataset)."""
     dataset = cfg.eval.dataset or cfg.data.dataset
-    info = data_lib.dataset_info(dataset, cfg.data.root)
+    info = catalog.dataset_info(dataset, cfg.data.root)
     if not info.num_classes:
         return None
-    test_split = cfg.eval.test_split or data_lib.default_test_split(dataset, cfg.data.root)
+    test_split = cfg.eval.test_split or catalog.default_test_split(dataset, cfg.data.root)
     common = dict(root=cfg.data.root, resolution=cfg.data.resolution, seed=cfg.data.seed,
                   image_column=cfg.data.image_column, label_column=cfg.data.label_column)
-    bank_images, bank_labels = data_lib.load_arrays(dataset, split=cfg.eval.train_split, limit=cfg.eval.bank_limit, **common)
-    test_images, test_labels = data_lib.load_arrays(dataset, split=test_split, limit=cfg.eval.test_limit, **common)
+    bank_images, bank_labels = arrays.load_arrays(dataset, split=cfg.eval.train_split, limit=cfg.eval.bank_limit, **common)
+    test_images, test_labels = arrays.load_arrays(dataset, split=test_split, limit=cfg.eval.test_limit, **common)
     return EvalData(bank_images, bank_labels, test_images, test_labels, info.num_classes)
 
 
@@ -125,10 +127,10 @@ class RayEnv(WorkerEnv):
         return checkpoint.to_directory(tempfile.mkdtemp(prefix="replab-restore-"))
 
     def skipped(self):
-        return data_lib.skipped_count(self.skip_counter) if self.skip_counter else 0
+        return skips.skipped_count(self.skip_counter) if self.skip_counter else 0
 
 
-def _ray_train_fn(loop_config: dict[str, Any]) -> None:
+def ray_train_fn(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     cfg = from_dict(loop_config["config"])
     env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"))
@@ -179,7 +181,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     from ray.train.torch import TorchTrainer
 
     cfg = resolve_paths(cfg)
-    data_lib.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
+    sources.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
     name = run_name(cfg)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     uri = cfg.tracking.uri
@@ -205,7 +207,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
         "tracking_uri": uri,
     }
     trainer = TorchTrainer(
-        _ray_train_fn,
+        ray_train_fn,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -229,28 +231,28 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     metrics = dict(result.metrics or {})
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
     if run_id:
-        _log_outputs(tracking.RunLogger(uri, run_id), result, metrics)
+        log_outputs(tracking.RunLogger(uri, run_id), result, metrics)
         tracking.RunLogger(uri, run_id).finish("FINISHED")
     return FitResult(name, run_id, uri, metrics, checkpoint_path)
 
 
-def build_train_data(cfg: RunConfig, logger: tracking.RunLogger | None = None) -> data_lib.TrainData:
+def build_train_data(cfg: RunConfig, logger: tracking.RunLogger | None = None) -> pipeline.TrainData:
     """The training stream: the dataset itself, or (semi-supervised / open-set) the mixed unlabeled pool,
     whose images reach the trainers with label -1; the labeled split file is written first, on the driver."""
-    from replab.platform import semisup
+    from replab.platform.data import labeled, pool
 
-    if not semisup.uses_unlabeled_pool(cfg.data):
-        return data_lib.build_train_dataset(cfg.data)
-    if semisup.is_semisupervised(cfg.data):
-        split = semisup.labeled_split(cfg.data)
+    if not labeled.uses_unlabeled_pool(cfg.data):
+        return pipeline.build_train_dataset(cfg.data)
+    if labeled.is_semisupervised(cfg.data):
+        split = labeled.labeled_split(cfg.data)
         if logger is not None:
             logger.artifact(split.path, "splits")
     if logger is not None:
-        logger.metrics(semisup.pool_summary(semisup.pool_manifest(cfg.data)), step=0)
-    return semisup.build_unlabeled_dataset(cfg.data)
+        logger.metrics(pool.pool_summary(pool.pool_manifest(cfg.data)), step=0)
+    return pool.build_unlabeled_dataset(cfg.data)
 
 
-def _log_outputs(logger: tracking.RunLogger, result: Any, metrics: dict[str, Any]) -> None:
+def log_outputs(logger: tracking.RunLogger, result: Any, metrics: dict[str, Any]) -> None:
     """The final encoder (safetensors) and an eval summary as run artifacts."""
     from safetensors.torch import save_file
 

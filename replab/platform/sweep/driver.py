@@ -1,0 +1,266 @@
+"""``replab sweep``: a grid of training runs (optionally with Optuna search and ASHA per grid cell) on Ray Tune.
+
+A plain grid is one ``Tuner`` over ``grid_search(cells)`` (cells run concurrently up to ``max_concurrent``);
+with search, ``grid_search`` cannot combine with Optuna, so each cell gets its own ``Tuner`` (its trials run
+concurrently).
+
+Names are deterministic: the trial name is the cell id (plus a hash of the searched values), so an
+interrupted sweep resumes by re-running the same command (or ``--resume``): ``Tuner.restore`` skips finished
+trials, and an unfinished trial's ``TorchTrainer`` finds its own checkpoints under
+``<sweep dir>/train/<trial name>``. State lives in ``<train.storage_path>/sweeps/<sweep name>/``. Trials cut
+off by an interrupted sweep are marked KILLED (on the next start when the driver died without a chance to
+mark them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replab.config import ConfigError
+from replab.platform.sweep.callbacks import status_callback, trial_dirname
+from replab.platform.sweep.grid import Cell, cell_raw, jsonable, expand, sweep_dir
+from replab.platform.sweep.runs import mark_stale_children, open_parent, retry, trial_table
+from replab.platform.sweep.spec import SweepSpec, load_raw, parse_spec
+from replab.platform.sweep.trial import json_write, _trial
+
+
+def _space(dist: dict[str, Any]):
+    from ray import tune
+
+    kind = dist["type"]
+    if kind == "uniform":
+        return tune.uniform(dist["low"], dist["high"])
+    if kind == "loguniform":
+        return tune.loguniform(dist["low"], dist["high"])
+    if kind == "randint":
+        return tune.randint(int(dist["low"]), int(dist["high"]) + 1)
+    if kind == "lograndint":
+        return tune.lograndint(int(dist["low"]), int(dist["high"]) + 1)
+    return tune.choice(list(dist["values"]))
+
+
+def _searcher(spec: SweepSpec, seed: int):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PatientOptunaSearch(OptunaSearch):
+        """Optuna that ignores epochs without the metric (evaluation may run only at the end)."""
+
+        def on_trial_result(self, trial_id, result):
+            if self.metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return PatientOptunaSearch(metric=spec.search.metric, mode=spec.search.mode,
+                               sampler=optuna.samplers.TPESampler(seed=seed))
+
+
+@dataclass
+class SweepResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    directory: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    interrupted: bool = False
+    failed: int = 0
+    report: dict[str, Any] | None = None
+
+
+def plan_sweep(config_path, overrides=()) -> tuple[dict, SweepSpec, list[Cell]]:
+    """Read and validate a sweep: the raw mapping, the spec and the grid (no Ray, no MLflow)."""
+    raw, source = load_raw(config_path, overrides)
+    spec = parse_spec(raw, source)
+    cells = expand(raw, spec)
+    return raw, spec, cells
+
+
+def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = True, echo=print) -> SweepResult:
+    """Run (or resume) the sweep described by ``config_path`` + ``overrides``; returns what happened."""
+    from ray import tune
+
+    from replab.platform.data import sources
+    from replab.platform.train.ray_train import check_tracking_reachable, ensure_ray
+
+    raw, spec, cells = plan_sweep(config_path, overrides)
+    seen_data = set()
+    for cell in cells:  # a missing dataset fails here, before any Ray work
+        key = (cell.config.data.dataset, cell.config.data.root, cell.config.data.split)
+        if key not in seen_data:
+            sources.resolve_config(cell.config.data)
+            seen_data.add(key)
+    base = cells[0].config
+    folder = sweep_dir(base, spec.name)
+    local = "://" not in folder
+    if not local:
+        raise ConfigError("train.storage_path: replab sweep keeps its state in a local or shared folder; "
+                          "URIs are not supported for sweeps yet")
+    plan_file = Path(folder) / "plan.json"
+    grid = {"cells": [c.plan() for c in cells], "search": spec.search.__dict__ if spec.search else None}
+    exists = plan_file.exists()
+    if exists and json.loads(plan_file.read_text()).get("grid") != jsonable(grid):
+        raise ConfigError(f"sweep.name: {spec.name!r} already exists at {folder} with a different grid; "
+                          "choose a new sweep.name or remove that folder")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no sweep {spec.name!r} at {folder} to resume; run without --resume to start it")
+
+    # a local instance gets the cores plus what concurrent trials' train workers ask for (Ray Data needs CPUs too)
+    per_trial = max(max(c.config.train.num_workers, 1) * c.config.train.cpus_per_worker for c in cells)
+    ensure_ray(per_trial * spec.max_concurrent + spec.trial_cpus * spec.max_concurrent)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation may run only at the last epoch
+    uri = base.tracking.uri
+    check_tracking_reachable(uri)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    parent_run_id = open_parent(base, spec, cells, folder, raw)
+    if not exists:
+        json_write(plan_file, {"name": spec.name, "parent_run_id": parent_run_id, "grid": grid})
+    stale = mark_stale_children(uri, parent_run_id)
+    plan = {
+        "name": spec.name, "dir": folder, "parent_run_id": parent_run_id, "experiment": base.tracking.experiment,
+        "save_encoders": spec.save_encoders,
+        "cells": {c.id: {"config": cell_raw(c.config), "axes": c.axes, "labels": c.labels} for c in cells},
+    }
+    samples = spec.search.num_samples if spec.search else 1
+    echo(f"sweep {spec.name}: {len(cells)} cells x {samples} trial(s), at most {spec.max_concurrent} at once")
+    echo(f"  state: {folder}")
+    echo(f"  MLflow parent run: {parent_run_id} ({uri})" + (f"; {stale} interrupted trial run(s) marked KILLED"
+                                                             if stale else ""))
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": spec.trial_cpus})
+    callback = status_callback(uri, plan)
+    start = time.time()
+    interrupted = False
+    try:
+        with _outside_job_working_dir(folder):
+            interrupted = _fit_tune_jobs(spec, cells, folder, trainable, callback, echo)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        wall = time.time() - start
+        if interrupted:
+            mark_stale_children(uri, parent_run_id)
+
+    result = SweepResult(spec.name, parent_run_id, uri, folder, wall_time_s=wall, interrupted=interrupted)
+    result.trials = trial_table(uri, parent_run_id)
+    result.failed = sum(1 for t in result.trials if t["status"] == "FAILED")
+    _finish_parent(uri, parent_run_id, result, spec)
+    if interrupted:
+        echo("sweep interrupted; re-run the same command (or add --resume) to continue it")
+        return result
+    if report:
+        from replab.platform.sweep import report as report_lib
+
+        try:
+            result.report = report_lib.build_report(uri, parent_run_id, metric=spec.metric,
+                                                    bootstrap=spec.bootstrap, echo=echo)
+        except Exception as exc:  # noqa: BLE001 - the sweep itself succeeded; say why there is no report
+            echo(f"no scaling report: {type(exc).__name__}: {exc}")
+    return result
+
+
+def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, callback, echo) -> bool:
+    """Fit (or restore and finish) the sweep's Tune experiments, one per grid or per searched cell; True when
+    one was interrupted. A finished experiment leaves ``tune/<name>.done`` and is skipped on a re-run."""
+    from ray import tune
+
+    if spec.search is None:
+        jobs = [("grid", {"cell": tune.grid_search([c.id for c in cells])}, None, None, 1, spec.max_concurrent)]
+    else:
+        jobs = []
+        for cell in cells:
+            space = {"cell": cell.id, **{k: _space(d) for k, d in spec.search.space.items()}}
+            jobs.append((f"cell-{cell.id}", space, spec.search.metric, spec.search.mode, spec.search.num_samples,
+                         min(spec.max_concurrent, spec.search.num_samples), cell))
+    for job in jobs:
+        exp_name, space, metric, mode, num_samples, concurrency = job[:6]
+        path = f"{folder}/tune/{exp_name}"
+        if (Path(folder) / "tune" / f"{exp_name}.done").exists():
+            continue
+        if tune.Tuner.can_restore(path):
+            echo(f"  resuming {exp_name} from {path}")
+            tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        else:
+            scheduler = None
+            search_alg = None
+            if spec.search is not None:
+                search_alg = _searcher(spec, seed=job[6].index + 1000 * job[6].config.train.seed)
+            if spec.scheduler is not None:
+                from ray.tune.schedulers import ASHAScheduler
+
+                # stop_last_trials=False: a trial at its last epoch finishes its run (and its bookkeeping)
+                scheduler = ASHAScheduler(
+                    time_attr="epoch", metric=metric, mode=mode, grace_period=spec.scheduler.grace_period,
+                    reduction_factor=spec.scheduler.reduction_factor, stop_last_trials=False,
+                    max_t=spec.scheduler.max_t or job[6].config.train.epochs)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    num_samples=num_samples, max_concurrent_trials=concurrency, search_alg=search_alg,
+                    scheduler=scheduler, trial_name_creator=trial_dirname, trial_dirname_creator=trial_dirname,
+                    reuse_actors=False,
+                ),
+                run_config=tune.RunConfig(
+                    name=exp_name, storage_path=f"{folder}/tune", callbacks=[callback], verbose=1,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        results = tuner.fit()
+        states = _trial_states(results)
+        if any(s not in ("TERMINATED", "ERROR") for s in states):
+            return True
+        if all(s == "TERMINATED" for s in states):
+            (Path(folder) / "tune" / f"{exp_name}.done").touch()
+    return False
+
+
+@contextlib.contextmanager
+def _outside_job_working_dir(folder: str):
+    """Run Tune from the sweep's own folder rather than from wherever the driver started; restore the old cwd
+    after if it still exists.
+
+    Tune's result analysis calls ``os.getcwd()``. Under ``ray job submit`` the driver starts in the job's unpacked
+    ``--working-dir`` package, which Ray shares between jobs with the same content and may delete when an earlier,
+    stopped job with that package releases it: a re-submitted sweep then loses its cwd halfway. Every path replab
+    hands to Ray is absolute by now (:func:`replab.platform.train.resolve_paths`), so the cwd is free to change.
+    """
+    try:
+        before = os.getcwd()
+    except FileNotFoundError:
+        before = None
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        if before is not None and os.path.isdir(before):
+            os.chdir(before)
+
+
+def _trial_states(results) -> list[str]:
+    """The status of every trial of a finished ``Tuner.fit`` (TERMINATED, ERROR, or unfinished ones)."""
+    try:
+        return [str(t.status) for t in results._experiment_analysis.trials]
+    except AttributeError:  # no trial objects in this Ray version: a result without error is a finished trial
+        return ["ERROR" if r.error else "TERMINATED" for r in results]
+
+
+def _finish_parent(uri: str, parent_run_id: str, result: SweepResult, spec: SweepSpec) -> None:
+    from replab.platform import tracking
+
+    c = tracking.client(uri)
+    done = [t for t in result.trials if t["status"] == "FINISHED"]
+    train_time = sum(t["metrics"].get("compute/train_time_s", 0.0) for t in done)
+    trial_wall = sum(t["metrics"].get("compute/wall_time_s", 0.0) for t in done)
+    metrics = {"sweep/wall_time_s": result.wall_time_s, "sweep/trials_finished": len(done),
+               "sweep/trials_failed": result.failed, "sweep/sum_trial_train_time_s": train_time,
+               "sweep/sum_trial_wall_time_s": trial_wall,
+               "sweep/total_train_flops": sum(t["metrics"].get("compute/train_flops", 0.0) for t in done)}
+    retry(tracking.RunLogger(uri, parent_run_id).metrics, metrics, step=len(done))
+    status = "KILLED" if result.interrupted else ("FAILED" if result.failed else "FINISHED")
+    retry(c.set_terminated, parent_run_id, status=status)
