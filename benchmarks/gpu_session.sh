@@ -6,7 +6,7 @@
 #   device:  run(command="bash benchmarks/gpu_session.sh", carry=[".gpucarry"], timeout_s=560)
 #
 # The device image has torch, torchvision, pyarrow, numpy, pillow, pyyaml, psutil and nvidia-ml-py but no
-# Ray or MLflow: everything here goes through the plain training loop (replab.platform.loop), which never
+# Ray or MLflow: everything here goes through the plain training loop (replab.platform.train.loop), which never
 # imports them. Order: the CIFAR-10 epoch target first, then the augmentation case, then MFU per model.
 set -uo pipefail
 cd "$(dirname "$0")/.."

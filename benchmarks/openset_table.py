@@ -6,7 +6,7 @@ For each out-of-class ratio r of the unlabeled pool (6 known animal classes 2..7
 vehicle classes; ``--ratios natural`` is the standard protocol's pool: the rest of CIFAR-10 train, 40% out of
 class), each seed (it picks the labeled split, the pool and the initialisation) and each method, the plain
 training loop (no Ray) pre-trains a ResNet-18 (CIFAR stem, ``--width``) on the same pool, then
-:func:`replab.platform.openset.evaluate_openset_target` evaluates the final checkpoint exactly as
+:func:`replab.platform.evaluate.target.evaluate_openset_target` evaluates the final checkpoint exactly as
 ``replab eval --openset`` does:
 
 - PAWS / RoPAWS: the frozen soft nearest-neighbour classifier over the labeled set (``openset/snn_top1``) and
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from replab.platform.data import pool as semisup
+from replab.platform.data import pool as pools
 from replab.platform.evaluate.target import evaluate_openset_target
 from replab.platform.train.loop import LocalEnv, train_worker
 from replab.validate import load_config
@@ -60,7 +60,7 @@ def run_config(method: str, ratio: str, seed: int, args) -> list[str]:
 
 def one_run(method: str, ratio: str, seed: int, args) -> dict:
     cfg = load_config(None, run_config(method, ratio, seed, args))
-    pool = semisup.load_unlabeled_arrays(cfg.data)
+    pool = pools.load_unlabeled_arrays(cfg.data)
     folder = tempfile.mkdtemp(prefix=f"openset-{method}-")
     env = LocalEnv(pool.images, pool.labels, folder, seed=seed)
     start = time.perf_counter()

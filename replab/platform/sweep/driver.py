@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from replab.config import ConfigError
+from replab.config import ConfigError, read_raw
 from replab.platform.sweep.callbacks import status_callback, trial_dirname
 from replab.platform.sweep.grid import Cell, cell_raw, jsonable, expand, sweep_dir
 from replab.platform.sweep.runs import mark_stale_children, open_parent, retry, trial_table
-from replab.platform.sweep.spec import SweepSpec, load_raw, parse_spec
+from replab.platform.sweep.spec import SweepSpec, parse_spec
 from replab.platform.sweep.trial import json_write, _trial
 
 
@@ -75,7 +75,7 @@ class SweepResult:
 
 def plan_sweep(config_path, overrides=()) -> tuple[dict, SweepSpec, list[Cell]]:
     """Read and validate a sweep: the raw mapping, the spec and the grid (no Ray, no MLflow)."""
-    raw, source = load_raw(config_path, overrides)
+    raw, source = read_raw(config_path, overrides)
     spec = parse_spec(raw, source)
     cells = expand(raw, spec)
     return raw, spec, cells

@@ -28,15 +28,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from replab.config import SECTIONS, ConfigError, apply_override, parse_override
+from replab.config import SECTIONS, ConfigError
 
 FIRST_CLASS_AXES = {
     "model_size": "model",
@@ -104,26 +101,6 @@ class SweepSpec:
 def error_of(metric: str, value: float) -> float:
     """The error that the scaling laws fit: ``1 - top1`` for accuracies, the value itself for losses."""
     return 1.0 - value if metric.startswith("eval/") else value
-
-
-def load_raw(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, str]:
-    """The plain YAML mapping with ``--set`` overrides applied (what :func:`replab.config.load_config` validates)."""
-    raw: dict[str, Any] = {}
-    source = ""
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: no such config file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = str(exc).replace("\n", " ")
-            raise ConfigError(f"{path}: not valid YAML ({line})") from None
-        source = str(p.resolve())
-    for item in overrides:
-        key, value = parse_override(item)
-        apply_override(raw, key, value)
-    return raw, source
 
 
 def _one_line(value: Any) -> str:
