@@ -23,7 +23,7 @@ def test_power_law_fit_recovers_known_parameters_with_intervals_and_heldout():
     assert fit.b == pytest.approx(b, abs=0.06)
     assert fit.c == pytest.approx(c, abs=0.03)
     assert fit.predict(1e5) == pytest.approx(scaling.power_law(1e5, a, b, c), rel=0.03)
-    assert fit.r2 > 0.99 and fit.n_points == 8 and not fit.c_fixed
+    assert fit.r2 > 0.99 and fit.n_points == 8 and fit.flags == []
     assert fit.bootstrap_fits >= 80
     for key, true in (("b", b), ("c", c)):
         lo, hi = fit.ci[key]
@@ -44,16 +44,29 @@ def test_power_law_fit_fails_on_noise_it_cannot_explain():
     assert fit.r2 < 0.6
 
 
-def test_two_points_fix_the_offset_and_bad_input_is_refused():
-    fit = scaling.fit_power_law([100, 400], [0.8, 0.4], bootstrap=50)
-    assert fit.c_fixed and fit.c == 0.0
-    assert fit.b == pytest.approx(0.5)
-    assert fit.predict(100) == pytest.approx(0.8)
-    assert fit.heldout is None and fit.ci == {}
-    with pytest.raises(ValueError):
-        scaling.fit_power_law([100, 100], [0.5, 0.4])
+def test_too_few_points_are_not_a_fit_and_bad_input_is_refused():
+    with pytest.raises(scaling.NotEnoughPoints, match="not enough points: 2 distinct sizes"):
+        scaling.fit_power_law([100, 400], [0.8, 0.4], bootstrap=50)
+    with pytest.raises(scaling.NotEnoughPoints):
+        scaling.fit_power_law([100, 100, 400, 400], [0.5, 0.4, 0.3, 0.3])
     with pytest.raises(ValueError):
         scaling.fit_power_law([-1, 10, 100], [0.5, 0.4, 0.3])
+    with pytest.raises(scaling.NotEnoughPoints, match="distinct \\(N, D\\) cells"):
+        scaling.fit_joint([1e5, 1e5, 1e6, 1e6], [1e3, 1e4, 1e3, 1e4], [0.5, 0.4, 0.4, 0.3], bootstrap=0)
+
+
+def test_fits_that_cannot_support_a_claim_are_flagged():
+    exact = scaling.fit_power_law([100, 400, 1600], [0.8, 0.5, 0.4], bootstrap=20)
+    assert any(f.startswith("exact: 3 points for 3 parameters") for f in exact.flags)
+    assert "no held-out check (too few sizes)" in exact.flags
+    rising = scaling.fit_power_law([100, 200, 400, 800, 1600], [0.40, 0.42, 0.45, 0.47, 0.50], bootstrap=20)
+    assert rising.b < scaling.FLAT_EXPONENT and "b = 0: the error does not fall with size" in rising.flags
+    rng = np.random.default_rng(1)
+    x = np.geomspace(100, 1e5, 6)
+    noisy = scaling.fit_power_law(x, 0.3 + 0.05 * rng.standard_normal(6), bootstrap=50)
+    assert noisy.flags  # noise around a constant: flat, a CI reaching 0 or a held-out miss, never a clean law
+    clean = scaling.fit_power_law(x, scaling.power_law(x, 2.0, 0.4, 0.1), bootstrap=50)
+    assert clean.flags == []
 
 
 def test_joint_fit_recovers_exponents_and_implies_a_compute_optimal_split():
@@ -169,20 +182,28 @@ def test_report_fits_the_sweep_and_writes_plots_json_and_markdown(fake_store, tm
     assert summary["timing"]["overhead_per_trial_s"] == pytest.approx(5.0)
 
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"scaling_fits.json", "report.md", "plots/scaling_model_size.png", "plots/scaling_data_size.png",
-            "plots/scaling_joint_0.png", "plots/frontier.png"} <= files
+    stems = ("scaling_model_size", "scaling_data_size", "scaling_joint_0", "frontier")
+    assert {"scaling_fits.json", "report.md", "report.html"} | {f"plots/{s}.{x}" for s in stems for x in ("png", "pdf")} <= files
     for png in out.glob("plots/*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    for pdf in out.glob("plots/*.pdf"):
+        assert pdf.read_bytes()[:5] == b"%PDF-"
     on_disk = json.loads((out / "scaling_fits.json").read_text())
     assert on_disk["joint_fits"][0]["fit"]["beta"] == pytest.approx(joint["beta"])
     text = (out / "report.md").read_text()
     assert "joint fit" in text and "compute frontier" in text and "held-out" in text
+    assert "*" not in text.split("## joint fit")[1].splitlines()[0]  # no markdown italics in the heading
     assert "# Scaling report: fake-sweep" in capsys.readouterr().out  # also printed
 
     client = MlflowClient(uri)
     logged = {a.path for a in client.list_artifacts(pid, "report")}
-    assert {"report/scaling_fits.json", "report/report.md", "report/plots"} <= logged
-    assert len(client.list_artifacts(pid, "report/plots")) == 4
+    assert {"report/scaling_fits.json", "report/report.md", "report/report.html", "report/plots"} <= logged
+    assert len(client.list_artifacts(pid, "report/plots")) == 8
+    parent = client.get_run(pid)
+    joint_alpha = [k for k in parent.data.metrics if k.startswith("scaling/joint/") and k.endswith("/alpha")]
+    assert joint_alpha and parent.data.metrics[joint_alpha[0]] == pytest.approx(round(joint["alpha"], 4))
+    assert any(k.endswith("/b_ci_low") for k in parent.data.metrics) and "sweep/best_error" in parent.data.metrics
+    assert "Scaling report of fake-sweep" in parent.data.tags["mlflow.note.content"]
 
     # by run id too, and with another error metric that the runs lack: every trial is left out, nothing fitted
     again = report.build_report(uri, pid, metric="eval/linear_top1", bootstrap=0, out_dir=tmp_path / "r2", log=False)
@@ -196,3 +217,18 @@ def test_report_names_a_missing_sweep(fake_store):
 
     with pytest.raises(ConfigError, match="no sweep 'nope'"):
         report.build_report(fake_store[0], "nope", log=False)
+
+
+def test_html_report_is_self_contained(fake_store, tmp_path):
+    import re
+
+    from replab.platform.sweep import report
+
+    uri, pid = fake_store
+    report.build_report(uri, pid, bootstrap=10, out_dir=tmp_path, log=False)
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") == 2 and page.count("<circle") == 32
+    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    fetched = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)""", page)
+    assert all(not re.match(r"[a-z][a-z0-9+.-]*:|//", u) for u in fetched), fetched  # relative links to runs only
+    assert f"/#/experiments/" in page and "<title>" in page  # hover text and run links

@@ -7,8 +7,13 @@ Pure numpy/scipy, no MLflow or Ray: :mod:`replab.platform.sweep.report` feeds it
 Fitting. x (and N, D) are divided by their geometric mean before fitting so the amplitude is well scaled;
 parameters are reported in the original units. ``curve_fit`` (trust-region, bounded: a, b >= 0, exponents
 <= 10, 0 <= c <= max(error)) starts from a small grid of exponents and offsets (amplitudes by non-negative
-least squares for each) and keeps the best fit. With only two distinct x values the offset is fixed at 0
-(a pure power law through both points; ``c_fixed`` says so).
+least squares for each) and keeps the best fit.
+
+Honest fits. A law is not fitted to fewer distinct sizes than it has parameters (3 for one axis, 5 jointly):
+:class:`NotEnoughPoints` says so instead of an exponent. A fit is *flagged* (``fit.flags``, one short sentence
+each) when it cannot support a claim: as many points as parameters (R^2 = 1 by construction); an exponent at
+its bound 0 (error does not fall with size) or a bootstrap interval reaching 0; no held-out check; a held-out
+error larger than the spread of the measured errors.
 
 Bootstrap. Points are resampled with replacement ``bootstrap`` times and refitted; the confidence interval
 of each parameter is the percentile interval (default 95%), and the band of the fitted curve is the
@@ -28,6 +33,14 @@ from typing import Any
 import numpy as np
 
 EXP_MAX = 10.0
+POWER_LAW_PARAMETERS = 3
+JOINT_PARAMETERS = 5
+FLAT_EXPONENT = 1e-3
+"""An exponent below this is at its bound 0: the error does not fall with size."""
+
+
+class NotEnoughPoints(ValueError):
+    """Fewer distinct points than the law has parameters: there is nothing to fit."""
 
 
 def power_law(x, a, b, c):
@@ -58,12 +71,13 @@ class PowerLawFit:
     c: float
     r2: float
     n_points: int
-    c_fixed: bool = False
     ci: dict[str, list[float]] = field(default_factory=dict)
     """Parameter -> [low, high] bootstrap percentile interval (empty without bootstrap)."""
     bootstrap_fits: int = 0
     heldout: dict[str, float] | None = None
     x_range: list[float] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    """Why this fit cannot support a claim (empty: none found); see :func:`flags_of`."""
 
     def predict(self, x):
         return power_law(x, self.a, self.b, self.c)
@@ -84,6 +98,7 @@ class JointFit:
     ci: dict[str, list[float]] = field(default_factory=dict)
     bootstrap_fits: int = 0
     heldout: dict[str, float] | None = None
+    flags: list[str] = field(default_factory=list)
 
     def predict(self, n, d):
         return joint_law(n, d, self.a, self.alpha, self.b, self.beta, self.c)
@@ -95,24 +110,19 @@ class JointFit:
 # ------------------------------------------------------------------------------------------ one axis
 
 
-def _fit_raw(x: np.ndarray, y: np.ndarray, starts: list[tuple[float, float]] | None = None) -> tuple[float, float, float, bool]:
-    """(a, b, c, c_fixed) in the original units, or raise ValueError."""
+def _fit_raw(x: np.ndarray, y: np.ndarray, starts: list[tuple[float, float]] | None = None) -> tuple[float, float, float]:
+    """(a, b, c) in the original units, or raise ValueError (:class:`NotEnoughPoints` below 3 distinct x)."""
     from scipy.optimize import curve_fit, nnls
 
     x, y = np.asarray(x, float), np.asarray(y, float)
     if np.any(x <= 0) or not np.all(np.isfinite(y)) or not np.all(np.isfinite(x)):
         raise ValueError("power-law fits need positive x and finite errors")
-    distinct = np.unique(x)
-    if len(distinct) < 2:
-        raise ValueError("need at least two distinct x values")
+    distinct = len(np.unique(x))
+    if distinct < POWER_LAW_PARAMETERS:
+        raise NotEnoughPoints(f"not enough points: {distinct} distinct sizes for the {POWER_LAW_PARAMETERS} "
+                              "parameters of a·x^-b + c")
     x0 = _geomean(x)
     xs = x / x0
-    if len(distinct) == 2:  # pure power law through the two (mean) points: c = 0
-        if np.any(y <= 0):
-            raise ValueError("a two-point power law needs positive errors")
-        slope, intercept = np.polyfit(np.log(xs), np.log(y), 1)
-        b = float(-slope)
-        return float(math.exp(intercept) * x0 ** b), b, 0.0, True
     ymax = float(np.max(y)) if np.max(y) > 0 else 1.0
     best = None
     if starts is None:
@@ -134,15 +144,15 @@ def _fit_raw(x: np.ndarray, y: np.ndarray, starts: list[tuple[float, float]] | N
     if best is None:
         raise ValueError("the power-law fit did not converge")
     a, b, c = (float(v) for v in best[1])
-    return a * x0 ** b, b, c, False
+    return a * x0 ** b, b, c
 
 
 def fit_power_law(x, y, *, bootstrap: int = 200, seed: int = 0, level: float = 0.95,
                   heldout: bool = True) -> PowerLawFit:
     """Fit ``y = a * x^(-b) + c`` with bootstrap intervals and a held-out check (see the module docstring)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    a, b, c, c_fixed = _fit_raw(x, y)
-    fit = PowerLawFit(a, b, c, r_squared(y, power_law(x, a, b, c)), len(x), c_fixed,
+    a, b, c = _fit_raw(x, y)
+    fit = PowerLawFit(a, b, c, r_squared(y, power_law(x, a, b, c)), len(x),
                       x_range=[float(x.min()), float(x.max())])
     if bootstrap and len(np.unique(x)) >= 3:
         rng = np.random.default_rng(seed)
@@ -153,7 +163,7 @@ def fit_power_law(x, y, *, bootstrap: int = 200, seed: int = 0, level: float = 0
             if len(np.unique(x[idx])) < 3:
                 continue
             try:
-                pa, pb, pc, _fixed = _fit_raw(x[idx], y[idx], starts=[(s[0], s[1]) for s in starts])
+                pa, pb, pc = _fit_raw(x[idx], y[idx], starts=[(s[0], s[1]) for s in starts])
             except ValueError:
                 continue
             samples.append((pa, pb, pc))
@@ -166,7 +176,29 @@ def fit_power_law(x, y, *, bootstrap: int = 200, seed: int = 0, level: float = 0
             fit._samples = samples  # type: ignore[attr-defined]  # for the plot's band
     if heldout:
         fit.heldout = heldout_power_law(x, y)
+    fit.flags = flags_of(y, len(np.unique(x)), POWER_LAW_PARAMETERS, {"b": fit.b}, fit.ci, fit.heldout)
     return fit
+
+
+def flags_of(y, distinct: int, parameters: int, exponents: dict[str, float], ci: dict[str, list[float]],
+             heldout: dict[str, float] | None) -> list[str]:
+    """The reasons a fit cannot support a claim (see the module docstring), one short sentence each."""
+    y = np.asarray(y, float)
+    flags = []
+    if distinct <= parameters:
+        flags.append(f"exact: {distinct} points for {parameters} parameters (R² = 1 by construction)")
+    for name, value in exponents.items():
+        if value < FLAT_EXPONENT:
+            flags.append(f"{name} = 0: the error does not fall with size")
+        elif name in ci and ci[name][0] < FLAT_EXPONENT:
+            flags.append(f"the 95% CI of {name} reaches 0")
+    if heldout is None:
+        flags.append("no held-out check (too few sizes)")
+    else:
+        spread = float(y.max() - y.min())
+        if heldout["abs_error"] > spread:
+            flags.append(f"held-out error {heldout['abs_error']:.3f} exceeds the spread of the data ({spread:.3f})")
+    return flags
 
 
 def band(fit: PowerLawFit, xs, level: float = 0.95) -> tuple[np.ndarray, np.ndarray] | None:
@@ -181,21 +213,21 @@ def band(fit: PowerLawFit, xs, level: float = 0.95) -> tuple[np.ndarray, np.ndar
 
 
 def heldout_power_law(x, y) -> dict[str, float] | None:
-    """Fit without the points at the largest x; predict there. None with fewer than three distinct x."""
+    """Fit without the points at the largest x; predict there. None when the rest has too few distinct x."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     top = x.max()
     keep = x < top
-    if len(np.unique(x[keep])) < 2:
+    if len(np.unique(x[keep])) < POWER_LAW_PARAMETERS:
         return None
     try:
-        a, b, c, fixed = _fit_raw(x[keep], y[keep])
+        a, b, c = _fit_raw(x[keep], y[keep])
     except ValueError:
         return None
     actual = float(y[~keep].mean())
     predicted = float(power_law(top, a, b, c))
     return {"x": float(top), "actual": actual, "predicted": predicted, "abs_error": abs(predicted - actual),
             "rel_error": abs(predicted - actual) / abs(actual) if actual else float("inf"),
-            "fit_points": int(keep.sum()), "c_fixed": bool(fixed)}
+            "fit_points": int(keep.sum())}
 
 
 # ------------------------------------------------------------------------------------------ joint
@@ -207,8 +239,10 @@ def _fit_joint_raw(n, d, y, starts=None) -> tuple[float, float, float, float, fl
     n, d, y = (np.asarray(v, float) for v in (n, d, y))
     if np.any(n <= 0) or np.any(d <= 0):
         raise ValueError("joint fits need positive N and D")
-    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(y) < 5:
-        raise ValueError("a joint fit needs at least 5 points with 2+ distinct N and 2+ distinct D")
+    cells = len({(a, b) for a, b in zip(n, d)})
+    if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or cells < JOINT_PARAMETERS:
+        raise NotEnoughPoints(f"not enough points: {cells} distinct (N, D) cells for the {JOINT_PARAMETERS} "
+                              "parameters of a·N^-alpha + b·D^-beta + c (and 2+ distinct N and D)")
     n0, d0 = _geomean(n), _geomean(d)
     ns, ds = n / n0, d / d0
     ymax = float(np.max(y)) if np.max(y) > 0 else 1.0
@@ -266,7 +300,7 @@ def fit_joint(n, d, y, *, bootstrap: int = 200, seed: int = 0, level: float = 0.
             fit.bootstrap_fits = len(samples)
     prod = n * d
     keep = prod < prod.max()
-    if keep.sum() >= 5:
+    if keep.sum() >= JOINT_PARAMETERS:
         try:
             p = _fit_joint_raw(n[keep], d[keep], y[keep])
             actual = float(y[~keep].mean())
@@ -277,6 +311,8 @@ def fit_joint(n, d, y, *, bootstrap: int = 200, seed: int = 0, level: float = 0.
                            "fit_points": int(keep.sum())}
         except ValueError:
             fit.heldout = None
+    fit.flags = flags_of(y, len({(a, b) for a, b in zip(n, d)}), JOINT_PARAMETERS,
+                         {"alpha": fit.alpha, "beta": fit.beta}, fit.ci, fit.heldout)
     return fit
 
 

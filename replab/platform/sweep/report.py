@@ -16,9 +16,15 @@ It fits (see :mod:`replab.platform.sweep.fits`)
 
 with bootstrap intervals, R^2 and a held-out check, and it builds the compute frontier (the best cell per
 FLOP budget, and the compute-optimal N and D that the joint fit implies, with C = k*N*D and k measured).
-Outputs: ``scaling_fits.json``, ``report.md`` and ``plots/*.png`` (log-log fits with bootstrap bands, the
-frontier) in ``--out`` (default ``<sweep dir>/report``), logged to the parent run under ``report/``, and
-the markdown printed in the terminal.
+A law is fitted only where there are more distinct sizes than it has parameters would allow a check; fits that
+cannot support a claim are flagged (:func:`replab.platform.sweep.fits.flags_of`) in the table, the plots and on
+the parent run. Seeds (``train.seed``, ``data.seed``, ``data.split_seed`` axes) are replicates: they are not
+fitted separately but pooled, and drawn as mean +- std.
+
+Outputs: ``scaling_fits.json``, ``report.md``, ``report.html`` (self-contained, interactive) and
+``plots/*.png|pdf`` (:mod:`replab.platform.sweep.plots`) in ``--out`` (default ``<sweep dir>/report``), logged to
+the parent run under ``report/`` with the fitted exponents, their intervals, held-out errors and the best cell
+as metrics and a summary as the run's description; the markdown is printed in the terminal.
 """
 
 from __future__ import annotations
@@ -35,8 +41,12 @@ import numpy as np
 
 from replab.config import ConfigError
 from replab.platform.sweep import fits as scaling
+from replab.platform.sweep import html_report, plots
 from replab.platform.sweep.runs import ROLE_TAG, SWEEP_TAG, retry, trial_table
 from replab.platform.sweep.spec import FIRST_CLASS_AXES, error_of
+
+REPLICATE_AXES = ("train.seed", "data.seed", "data.split_seed")
+SHORT = {"model_size": "model", "data_size": "data", "resolution": "res", "compute": "epochs", "method.name": "method"}
 
 AXIS_X = {
     "model_size": ("compute/params", "encoder parameters"),
@@ -125,13 +135,23 @@ def _group_name(labels: dict[str, str], axes: list[str]) -> str:
     return ", ".join(f"{a}={labels[a]}" for a in axes) or "all"
 
 
+def _short(labels: dict[str, str], axes: list[str]) -> str:
+    """``method simclr, data 5000``: the fixed settings of a fit, for a legend."""
+    return ", ".join(f"{SHORT.get(a, a.rpartition('.')[2])} {labels[a]}" for a in axes)
+
+
+def _fixed_axes(axes: list[str], *varied: str) -> list[str]:
+    """The axes held fixed within one fit: all but the varied ones and the replicate seeds."""
+    return [a for a in axes if a not in varied and a not in REPLICATE_AXES]
+
+
 def axis_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int = 0) -> dict[str, list[dict]]:
     """Per first-class axis: one power-law fit per combination of the other axes' values."""
     out: dict[str, list[dict]] = {}
     for axis in axes:
         if axis not in FIRST_CLASS_AXES or len({p.labels[axis] for p in points}) < 2:
             continue  # not a scaling axis, or a single value here: it is held fixed
-        others = [a for a in axes if a != axis]
+        others = _fixed_axes(axes, axis)
         groups: dict[tuple, list[Point]] = defaultdict(list)
         for p in points:
             groups[tuple(p.labels[a] for a in others)].append(p)
@@ -141,12 +161,9 @@ def axis_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int = 
             ys = np.array([p.error for p in pts])
             ok = np.isfinite(xs) & (xs > 0) & np.isfinite(ys)
             entry: dict[str, Any] = {"group": _group_name(dict(zip(others, key)), others),
+                                     "short": _short(dict(zip(others, key)), others),
                                      "fixed": dict(zip(others, key)), "x": xs[ok].tolist(), "error": ys[ok].tolist(),
                                      "cells": [p.cell for p, k in zip(pts, ok) if k]}
-            if len(np.unique(xs[ok])) < 2:
-                entry["skipped"] = "fewer than two distinct values"
-                fits.append(entry)
-                continue
             try:
                 fit = scaling.fit_power_law(xs[ok], ys[ok], bootstrap=bootstrap, seed=seed)
             except ValueError as exc:
@@ -163,7 +180,7 @@ def axis_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int = 
 def joint_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int = 0) -> list[dict]:
     if "model_size" not in axes or "data_size" not in axes:
         return []
-    others = [a for a in axes if a not in ("model_size", "data_size")]
+    others = _fixed_axes(axes, "model_size", "data_size")
     groups: dict[tuple, list[Point]] = defaultdict(list)
     for p in points:
         groups[tuple(p.labels[a] for a in others)].append(p)
@@ -174,6 +191,7 @@ def joint_fits(points: list[Point], axes: list[str], bootstrap: int, seed: int =
         y = np.array([p.error for p in pts])
         flops = np.array([p.values["flops"] for p in pts])
         entry: dict[str, Any] = {"group": _group_name(dict(zip(others, key)), others), "fixed": dict(zip(others, key)),
+                                 "short": _short(dict(zip(others, key)), others),
                                  "params": n.tolist(), "images": d.tolist(), "error": y.tolist()}
         try:
             fit = scaling.fit_joint(n, d, y, bootstrap=bootstrap, seed=seed)
@@ -213,95 +231,6 @@ def frontier(points: list[Point]) -> dict[str, Any]:
             "all": [{"cell": p.cell, "flops": float(f), "error": float(e)} for p, f, e in zip(ok, flops, err)]}
 
 
-# ------------------------------------------------------------------------------------------ plots
-
-
-def _plots(out: Path, fits: dict[str, list[dict]], joints: list[dict], front: dict[str, Any], metric: str) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    ylabel = f"error (1 - {metric})" if metric.startswith("eval/") else metric
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, entries in fits.items():
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for i, e in enumerate(entries):
-            color = colors[i % len(colors)]
-            ax.scatter(e["x"], e["error"], color=color, s=18, zorder=3)
-            fit = e.get("_fit")
-            if fit is None:
-                continue
-            lo, hi = min(e["x"]), max(e["x"])
-            xs = np.geomspace(lo / 1.3, hi * 1.3, 100)
-            band = scaling.band(fit, xs)
-            if band is not None:
-                ax.fill_between(xs, band[0], band[1], color=color, alpha=0.15, linewidth=0)
-            label = f"{e['group']}: b={fit.b:.2f}, c={fit.c:.3f}, R²={fit.r2:.2f}"
-            ax.plot(xs, fit.predict(xs), color=color, label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(AXIS_X[axis][1])
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{axis}: error = a·x^-b + c")
-        if any("_fit" in e for e in entries):
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"scaling_{axis}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-    for j, e in enumerate(joints):
-        fit = e.get("_fit")
-        if fit is None:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        n, d, y = (np.array(e[k]) for k in ("params", "images", "error"))
-        for i, dv in enumerate(sorted(set(d))):
-            color = colors[i % len(colors)]
-            sel = d == dv
-            ax.scatter(n[sel], y[sel], color=color, s=18, zorder=3)
-            ns = np.geomspace(n.min() / 1.3, n.max() * 1.3, 100)
-            ax.plot(ns, fit.predict(ns, dv), color=color, label=f"D={dv:g}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("encoder parameters N")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"joint: a·N^-{fit.alpha:.2f} + b·D^-{fit.beta:.2f} + {fit.c:.3f}  ({e['group']})", fontsize=8)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / f"scaling_joint_{j}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-    if front.get("all"):
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        ax.scatter([p["flops"] for p in front["all"]], [p["error"] for p in front["all"]], s=14, color="0.6",
-                   label="cells")
-        fx = [p["flops"] for p in front["points"]]
-        fy = [p["error"] for p in front["points"]]
-        ax.step(fx, fy, where="post", color="C3", label="frontier")
-        ax.scatter(fx, fy, color="C3", s=22, zorder=3)
-        for e in joints:
-            if e.get("allocation"):
-                ax.plot([a["flops"] for a in e["allocation"]], [a["predicted_error"] for a in e["allocation"]],
-                        "--", label=f"compute-optimal (joint fit) {e['group']}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training FLOPs")
-        ax.set_ylabel(ylabel)
-        ax.set_title("compute frontier")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = out / "frontier.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-    return files
-
-
 # ------------------------------------------------------------------------------------------ text
 
 
@@ -311,38 +240,42 @@ def _ci(fit: dict, key: str, fmt: str = "{:.3g}") -> str:
     return f"{value} [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else value
 
 
+def _flags(f: dict) -> str:
+    return "; ".join(f.get("flags", [])) or "none"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Scaling report: {summary['sweep']}", "",
              f"parent run `{summary['parent_run_id']}`; error = {summary['error']}; "
              f"{len(summary['points'])} cells with results; bootstrap {summary['bootstrap']} resamples (95% CI)", ""]
     for axis, entries in summary["axis_fits"].items():
-        lines += [f"## {axis} (x = {AXIS_X[axis][1]}): error = a * x^-b + c", "",
-                  "| fixed | points | a | b | c | R² | held-out (pred vs actual) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## {axis} (x = {AXIS_X[axis][1]}): error = a · x^-b + c", "",
+                  "| fixed | points | a | b | c | R² | held-out (pred vs actual) | flags |",
+                  "|---|---|---|---|---|---|---|---|"]
         for e in entries:
             if "fit" not in e:
-                lines.append(f"| {e['group']} | {len(e['x'])} | - | - | - | - | skipped: {e['skipped']} |")
+                lines.append(f"| {e['group']} | {len(e['x'])} | - | - | - | - | - | {e['skipped']} |")
                 continue
             f = e["fit"]
             h = f.get("heldout")
             held = f"{h['predicted']:.4f} vs {h['actual']:.4f} ({100 * h['rel_error']:.1f}%)" if h else "n/a"
-            c = "0 (fixed, 2 points)" if f["c_fixed"] else _ci(f, "c")
-            lines.append(f"| {e['group']} | {f['n_points']} | {_ci(f, 'a')} | {_ci(f, 'b')} | {c} | "
-                         f"{f['r2']:.3f} | {held} |")
+            lines.append(f"| {e['group']} | {f['n_points']} | {_ci(f, 'a')} | {_ci(f, 'b')} | {_ci(f, 'c')} | "
+                         f"{f['r2']:.3f} | {held} | {_flags(f)} |")
         lines.append("")
     for e in summary["joint_fits"]:
-        lines += [f"## joint fit ({e['group']}): error = a*N^-alpha + b*D^-beta + c", ""]
+        lines += [f"## joint fit ({e['group']}): error = a · N^-alpha + b · D^-beta + c", ""]
         if "fit" not in e:
-            lines += [f"skipped: {e['skipped']}", ""]
+            lines += [f"{e['skipped']}", ""]
             continue
         f = e["fit"]
         lines += [f"a = {_ci(f, 'a')}, alpha = {_ci(f, 'alpha')}, b = {_ci(f, 'b')}, beta = {_ci(f, 'beta')}, "
-                  f"c = {_ci(f, 'c')}; R² = {f['r2']:.3f}; {f['n_points']} points"]
+                  f"c = {_ci(f, 'c')}; R² = {f['r2']:.3f}; {f['n_points']} points; flags: {_flags(f)}"]
         h = f.get("heldout")
         if h:
-            lines.append(f"held-out (largest N*D): predicted {h['predicted']:.4f}, actual {h['actual']:.4f} "
+            lines.append(f"held-out (largest N·D): predicted {h['predicted']:.4f}, actual {h['actual']:.4f} "
                          f"({100 * h['rel_error']:.1f}%)")
         if e.get("allocation"):
-            lines += ["", f"compute-optimal split (C = k*N*D, k = {e['flops_per_param_image']:.3g} FLOPs per "
+            lines += ["", f"compute-optimal split (C = k·N·D, k = {e['flops_per_param_image']:.3g} FLOPs per "
                       "parameter-image):", "", "| FLOPs | params N | images D | predicted error |", "|---|---|---|---|"]
             for a in e["allocation"]:
                 lines.append(f"| {a['flops']:.3g} | {a['params']:.3g} | {a['images']:.3g} | {a['predicted_error']:.4f} |")
@@ -362,6 +295,42 @@ def markdown(summary: dict[str, Any]) -> str:
     if summary["notes"]:
         lines += ["## notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
     return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "all"
+
+
+def parent_summary(summary: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """(metrics, description) for the sweep's parent run: every fit's exponents with their 95% interval, R²,
+    held-out error and flag count, the best cell's error; the description says the same in words."""
+    metrics: dict[str, float] = {}
+    words = [f"Scaling report of {summary['sweep']}: error = {summary['error']}, {len(summary['points'])} cells."]
+    fitted = [(axis, e) for axis, entries in summary["axis_fits"].items() for e in entries]
+    fitted += [("joint", e) for e in summary["joint_fits"]]
+    for axis, e in fitted:
+        f = e.get("fit")
+        if f is None:
+            words.append(f"{axis} ({e['group']}): {e.get('skipped')}.")
+            continue
+        prefix = f"scaling/{axis}/{_slug(e['group'])}"
+        for key in ("b", "alpha", "beta"):
+            if key in f and (axis == "joint") == (key != "b"):
+                metrics[f"{prefix}/{key}"] = round(f[key], 4)
+                if key in f.get("ci", {}):
+                    metrics[f"{prefix}/{key}_ci_low"] = round(f["ci"][key][0], 4)
+                    metrics[f"{prefix}/{key}_ci_high"] = round(f["ci"][key][1], 4)
+        metrics[f"{prefix}/r2"] = round(f["r2"], 4)
+        metrics[f"{prefix}/flags"] = len(f.get("flags", []))
+        if f.get("heldout"):
+            metrics[f"{prefix}/heldout_abs_error"] = round(f["heldout"]["abs_error"], 4)
+        exps = ", ".join(f"{k} = {f[k]:.2f}" for k in ("b", "alpha", "beta") if k in f and (axis == "joint") == (k != "b"))
+        words.append(f"{axis} ({e['group']}): {exps}" + (f" [flags: {_flags(f)}]." if f.get("flags") else "."))
+    if summary["points"]:
+        best = min(summary["points"], key=lambda p: p["error"])
+        metrics["sweep/best_error"] = round(best["error"], 4)
+        words.append(f"Best cell: {best['cell']} (error {best['error']:.4f}, run {best['run_id']}).")
+    return metrics, " ".join(words)
 
 
 def _strip(obj):
@@ -386,7 +355,8 @@ def build_report(uri: str, sweep: str, metric: str | None = None, bootstrap: int
     if metric not in ("eval/knn_top1", "eval/linear_top1", "train/epoch_loss"):
         raise ConfigError(f"--metric: {metric!r} is not valid; choose one of: eval/knn_top1, eval/linear_top1, "
                           "train/epoch_loss")
-    bootstrap = 200 if bootstrap is None else bootstrap
+    if bootstrap is None:  # the sweep's own setting, else the default
+        bootstrap = int(params.get("sweep.bootstrap", 200))
     axes = list(json.loads(params.get("sweep.axes", "{}")))
     trials = trial_table(uri, parent.info.run_id)
     points, notes = collect_points(trials, metric, axes)
@@ -412,26 +382,24 @@ def build_report(uri: str, sweep: str, metric: str | None = None, bootstrap: int
         out_dir = Path(folder) / "report" if folder and Path(folder).is_dir() else Path(tempfile.mkdtemp(prefix="replab-report-"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_files = _plots(out / "plots", fits, joints, front, metric)
+    plot_files = plots.draw(out / "plots", fits, joints, front, metric)
     clean = _strip(summary)
     clean["plots"] = [str(p.relative_to(out)) for p in plot_files]
     (out / "scaling_fits.json").write_text(json.dumps(clean, indent=2, default=str))
-    text = markdown(summary)
+    text = markdown(clean)
     (out / "report.md").write_text(text)
+    run_url = f"/#/experiments/{parent.info.experiment_id}/runs/{{run_id}}"
+    (out / "report.html").write_text(html_report.render(clean, fits, run_url))
     if log:
         logger = tracking.RunLogger(uri, parent.info.run_id)
-        retry(logger.artifact, out / "scaling_fits.json", "report")
-        retry(logger.artifact, out / "report.md", "report")
+        for name in ("scaling_fits.json", "report.md", "report.html"):
+            retry(logger.artifact, out / name, "report")
         for p in plot_files:
             retry(logger.artifact, p, "report/plots")
-        flat = {}
-        for axis, entries in fits.items():
-            good = [e for e in entries if "fit" in e]
-            if len(good) == 1:
-                flat[f"scaling/{axis}/b"] = good[0]["fit"]["b"]
-                flat[f"scaling/{axis}/r2"] = good[0]["fit"]["r2"]
-        if flat:
-            retry(logger.metrics, flat, step=0)
+        metrics, description = parent_summary(clean)
+        if metrics:
+            retry(logger.metrics, metrics, step=0)
+        retry(logger.tag, "mlflow.note.content", description)
     echo(text)
     echo(f"report files: {out}")
     clean["out_dir"] = str(out)
