@@ -25,6 +25,7 @@ class TrialPrinter:
 
         self.labels, self.metric, self.finished = labels, metric, set(finished)
         self.started: dict[str, float] = {}
+        self.count = len(self.finished)
         self.bar = tqdm(total=total, initial=len(self.finished), unit="trial", desc="sweep", disable=None,
                         leave=False, dynamic_ncols=True)
         self.echo = echo or self.bar.write
@@ -48,12 +49,14 @@ class TrialPrinter:
         self._line("stopped" if early_stopped else "done", name, f"{shown}  {seconds:.0f} s")
         if name not in self.finished:
             self.finished.add(name)
+            self.count += 1
             self.bar.update(1)
 
     def error(self, name: str, error_text: str) -> None:
         seconds = time.time() - self.started.get(name, time.time())
         self._line("FAILED", name, f"after {seconds:.0f} s")
         self.echo(error_text.rstrip())
+        self.count += 1
         self.bar.update(1)
 
     def close(self) -> None:
