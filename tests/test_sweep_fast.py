@@ -20,7 +20,7 @@ import yaml
 
 from replab.config import ConfigError
 from replab.platform import tracking
-from replab.platform.sweep import driver, grid, runs
+from replab.platform.sweep import grid, runs
 from replab.platform.sweep import spec as spec_lib
 from replab.platform.sweep.callbacks import TrialPrinter
 

@@ -156,6 +156,15 @@ def find_child(uri: str, parent_run_id: str, trial: str):
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
+def axis_labels(run) -> dict[str, str]:
+    """Axis -> label of a child run: its ``sweep.<axis>`` tags (the params hold the numbers), or, for runs of
+    sweeps recorded before axes became numeric params, its ``sweep.<axis>`` params."""
+    def labels(items) -> dict[str, str]:
+        return {k[len("sweep."):]: v for k, v in items if k.startswith("sweep.") and not k.startswith("sweep.search.")}
+
+    return labels(run.data.tags.items()) or labels(run.data.params.items())
+
+
 def trial_table(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
     """One row per child run: trial name, status, axis labels and the final metrics."""
     from replab.platform import tracking
@@ -169,8 +178,7 @@ def trial_table(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
             "run_id": run.info.run_id,
             "status": run.info.status,
             "early_stopped": run.data.tags.get("replab.early_stopped") == "true",
-            "axes": {k[len("sweep."):]: v for k, v in run.data.tags.items()
-                     if k.startswith("sweep.") and not k.startswith("sweep.search.")},
+            "axes": axis_labels(run),
             "params": dict(run.data.params),
             "metrics": dict(run.data.metrics),
         })
