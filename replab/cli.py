@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML with a sweep section")
     _add_set(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep (re-running also does)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's, Tune's and MLflow's own output (the trials' epoch lines, Tune's table)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the grid, run nothing")
     p.add_argument("--no-report", action="store_true", help="skip the scaling report at the end")
 
@@ -168,7 +170,8 @@ def cmd_sweep(args) -> int:
         _raw, spec, cells = driver.plan_sweep(args.config, args.overrides)
         print(grid.describe(spec, cells))
         return 0
-    result = driver.run_sweep(args.config, args.overrides, resume=args.resume, report=not args.no_report)
+    result = driver.run_sweep(args.config, args.overrides, resume=args.resume, report=not args.no_report,
+                              verbose=args.verbose)
     print(f"sweep {result.name}: {sum(t['status'] == 'FINISHED' for t in result.trials)} trials finished, "
           f"{result.failed} failed, wall {result.wall_time_s:.0f} s; MLflow parent run id: {result.parent_run_id}")
     return 130 if result.interrupted else (1 if result.failed else 0)

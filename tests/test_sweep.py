@@ -338,11 +338,11 @@ def test_sweep_logs_a_parent_and_one_finished_child_per_cell(killed_and_resumed)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5
     assert all(c.info.status == "FINISHED" for c in children)
-    cells = {(c.data.params["sweep.model_size"], c.data.params["sweep.data_size"]) for c in children}
+    cells = {(c.data.tags["sweep.model_size"], c.data.tags["sweep.data_size"]) for c in children}
     assert cells == {("w0.125", "64"), ("w0.125", "128"), ("w0.25", "64"), ("w0.25", "128")}
     for c in children:
         m, p = c.data.metrics, c.data.params
-        assert c.data.tags["sweep.model_size"] == p["sweep.model_size"]  # axis values as params and tags
+        assert float(p["sweep.model_size"]) == m["compute/params"]  # axis labels as tags, numbers as params
         assert 0.0 <= m["eval/knn_top1"] <= 1.0 and m["train/epoch_loss"] > 0
         steps = int(p["data.limit"]) // 32
         assert m["compute/steps"] == steps and m["compute/images_seen"] == steps * 32
@@ -354,7 +354,7 @@ def test_sweep_logs_a_parent_and_one_finished_child_per_cell(killed_and_resumed)
         # the per-epoch history is in the child run (logged by rank 0 by run id)
         assert [h.value for h in client.get_metric_history(c.info.run_id, "train/epoch_loss")]
         assert len(client.get_metric_history(c.info.run_id, "train/loss")) >= steps // 2
-    widths = {c.data.params["sweep.model_size"]: c.data.metrics["compute/params"] for c in children}
+    widths = {c.data.tags["sweep.model_size"]: c.data.metrics["compute/params"] for c in children}
     assert widths["w0.25"] > 3 * widths["w0.125"]
     # two trials ran at once: some pair of child runs overlaps in time
     spans = sorted((c.info.start_time, c.info.end_time) for c in children)

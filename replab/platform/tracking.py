@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,6 +21,13 @@ from typing import Any
 
 MAX_PARAM_CHARS = 6000
 RUN_TAG = "replab.run"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's UI opens an experiment on its GenAI pages unless this tag says otherwise (read in the 3.17 UI bundle
+and its onboarding skill); ``custom_model_development`` opens the runs view of model training."""
+NOTE_TAG = "mlflow.note.content"
+"""The description the MLflow UI shows (and edits) for an experiment or a run."""
+EXPERIMENT_NOTE = ("Runs of replab (representation learning on Ray): one run per `replab train`, one parent run per "
+                   "`replab sweep` with a child run per trial (axis values as numeric `sweep.*` params and metrics).")
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -58,7 +66,8 @@ def experiment_id(uri: str, name: str) -> str:
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: "custom_model_development",
+                                               NOTE_TAG: EXPERIMENT_NOTE})
     except Exception:  # created concurrently by another process
         return c.get_experiment_by_name(name).experiment_id
 
@@ -106,8 +115,16 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[start : start + 100])
 
 
+def tidy(value: Any) -> Any:
+    """A non-integral float rounded to 7 significant digits (float32's precision: ``0.14000000059604645`` ->
+    ``0.14``); integral floats (counts) and anything else as is."""
+    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value) or value.is_integer():
+        return value
+    return float(f"{value:.7g}")
+
+
 def _param_value(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(tidy(value))
     return text[:MAX_PARAM_CHARS]
 
 
@@ -123,7 +140,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+        batch = [Metric(k, tidy(float(v)), now, step) for k, v in values.items() if v is not None]
         for attempt in range(5):  # SQLite may be busy for a moment when another process writes
             try:
                 self._client.log_batch(self.run_id, metrics=batch)

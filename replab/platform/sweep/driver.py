@@ -15,7 +15,9 @@ mark them).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from replab.config import ConfigError, read_raw
-from replab.platform.sweep.callbacks import status_callback, trial_dirname
-from replab.platform.sweep.grid import Cell, cell_raw, jsonable, expand, sweep_dir
+from replab.platform.sweep import callbacks
+from replab.platform.sweep.callbacks import TrialPrinter, status_callback, trial_dirname
+from replab.platform.sweep.grid import Cell, cell_raw, jsonable, expand, run_labels, runner_of, sweep_dir
 from replab.platform.sweep.runs import mark_stale_children, open_parent, retry, trial_table
 from replab.platform.sweep.spec import SweepSpec, parse_spec
 from replab.platform.sweep.trial import json_write, _trial
@@ -81,13 +84,35 @@ def plan_sweep(config_path, overrides=()) -> tuple[dict, SweepSpec, list[Cell]]:
     return raw, spec, cells
 
 
-def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = True, echo=print) -> SweepResult:
-    """Run (or resume) the sweep described by ``config_path`` + ``overrides``; returns what happened."""
+def trial_resources(config: dict[str, Any], resources: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A trial's Ray resources (``tune.with_resources``): a direct trial trains in its own process and asks for
+    its worker's CPUs (and GPU); a Ray Train trial only for ``sweep.trial_cpus``, its workers ask for theirs."""
+    return resources[config["cell"]]
+
+
+def _cell_resources(spec: SweepSpec, cells: list[Cell]) -> dict[str, dict[str, float]]:
+    out = {}
+    for cell in cells:
+        train = cell.config.train
+        if runner_of(spec.trial_runner, cell.config) == "direct":
+            out[cell.id] = {"CPU": max(train.cpus_per_worker, spec.trial_cpus), **({"GPU": 1} if train.use_gpu else {})}
+        else:
+            out[cell.id] = {"CPU": spec.trial_cpus}
+    return out
+
+
+def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = True, echo=print,
+              verbose: bool = False) -> SweepResult:
+    """Run (or resume) the sweep described by ``config_path`` + ``overrides``; returns what happened.
+
+    Quiet unless ``verbose``: one line per trial as it starts and ends and a progress bar; Ray's, Tune's and
+    MLflow's own logging only from warnings up (errors in full)."""
     from ray import tune
 
     from replab.platform.data import sources
     from replab.platform.train.ray_train import check_tracking_reachable, ensure_ray
 
+    quiet_logs(verbose)
     raw, spec, cells = plan_sweep(config_path, overrides)
     seen_data = set()
     for cell in cells:  # a missing dataset fails here, before any Ray work
@@ -109,10 +134,12 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
                           "choose a new sweep.name or remove that folder")
     if resume and not exists:
         raise ConfigError(f"--resume: no sweep {spec.name!r} at {folder} to resume; run without --resume to start it")
+    if exists and not _pending_jobs(spec, cells, folder):
+        return _already_done(spec, base.tracking.uri, folder, json.loads(plan_file.read_text()), echo)
 
     # a local instance gets the cores plus what concurrent trials' train workers ask for (Ray Data needs CPUs too)
     per_trial = max(max(c.config.train.num_workers, 1) * c.config.train.cpus_per_worker for c in cells)
-    ensure_ray(per_trial * spec.max_concurrent + spec.trial_cpus * spec.max_concurrent)
+    ensure_ray(per_trial * spec.max_concurrent + spec.trial_cpus * spec.max_concurrent, quiet=not verbose)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation may run only at the last epoch
     uri = base.tracking.uri
     check_tracking_reachable(uri)
@@ -121,10 +148,12 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     if not exists:
         json_write(plan_file, {"name": spec.name, "parent_run_id": parent_run_id, "grid": grid})
     stale = mark_stale_children(uri, parent_run_id)
+    labels = run_labels(cells)
     plan = {
         "name": spec.name, "dir": folder, "parent_run_id": parent_run_id, "experiment": base.tracking.experiment,
-        "save_encoders": spec.save_encoders,
-        "cells": {c.id: {"config": cell_raw(c.config), "axes": c.axes, "labels": c.labels} for c in cells},
+        "save_encoders": spec.save_encoders, "trial_runner": spec.trial_runner,
+        "cells": {c.id: {"config": cell_raw(c.config), "axes": c.axes, "labels": c.labels, "run_label": labels[c.id]}
+                  for c in cells},
     }
     samples = spec.search.num_samples if spec.search else 1
     echo(f"sweep {spec.name}: {len(cells)} cells x {samples} trial(s), at most {spec.max_concurrent} at once")
@@ -132,17 +161,23 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     echo(f"  MLflow parent run: {parent_run_id} ({uri})" + (f"; {stale} interrupted trial run(s) marked KILLED"
                                                              if stale else ""))
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), {"CPU": spec.trial_cpus})
+    trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan),
+                                    functools.partial(trial_resources, resources=_cell_resources(spec, cells)))
     callback = status_callback(uri, plan)
+    finished = {p.parent.name for p in (Path(folder) / "trials").glob("*/done.json")}
+    callbacks.printer = TrialPrinter(len(cells) * samples, finished, labels, spec.metric,
+                                     echo=None if echo is print else echo)
     start = time.time()
     interrupted = False
     try:
         with _outside_job_working_dir(folder):
-            interrupted = _fit_tune_jobs(spec, cells, folder, trainable, callback, echo)
+            interrupted = _fit_tune_jobs(spec, cells, folder, trainable, callback, verbose)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         wall = time.time() - start
+        callbacks.printer.close()
+        callbacks.printer = None
         if interrupted:
             mark_stale_children(uri, parent_run_id)
 
@@ -164,26 +199,48 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     return result
 
 
-def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, callback, echo) -> bool:
-    """Fit (or restore and finish) the sweep's Tune experiments, one per grid or per searched cell; True when
-    one was interrupted. A finished experiment leaves ``tune/<name>.done`` and is skipped on a re-run."""
+def _tune_jobs(spec: SweepSpec, cells: list[Cell]) -> list[tuple]:
+    """The sweep's Tune experiments: (name, param space, metric, mode, samples, concurrency[, cell]) of the one
+    grid, or of each searched cell."""
     from ray import tune
 
     if spec.search is None:
-        jobs = [("grid", {"cell": tune.grid_search([c.id for c in cells])}, None, None, 1, spec.max_concurrent)]
-    else:
-        jobs = []
-        for cell in cells:
-            space = {"cell": cell.id, **{k: _space(d) for k, d in spec.search.space.items()}}
-            jobs.append((f"cell-{cell.id}", space, spec.search.metric, spec.search.mode, spec.search.num_samples,
-                         min(spec.max_concurrent, spec.search.num_samples), cell))
-    for job in jobs:
+        return [("grid", {"cell": tune.grid_search([c.id for c in cells])}, None, None, 1, spec.max_concurrent)]
+    jobs = []
+    for cell in cells:
+        space = {"cell": cell.id, **{k: _space(d) for k, d in spec.search.space.items()}}
+        jobs.append((f"cell-{cell.id}", space, spec.search.metric, spec.search.mode, spec.search.num_samples,
+                     min(spec.max_concurrent, spec.search.num_samples), cell))
+    return jobs
+
+
+def _pending_jobs(spec: SweepSpec, cells: list[Cell], folder: str) -> list[tuple]:
+    """The Tune experiments not finished yet (a finished one leaves ``tune/<name>.done``)."""
+    return [job for job in _tune_jobs(spec, cells) if not (Path(folder) / "tune" / f"{job[0]}.done").exists()]
+
+
+def _already_done(spec: SweepSpec, uri: str, folder: str, plan: dict[str, Any], echo) -> SweepResult:
+    """A re-run of a finished sweep: nothing runs and nothing recorded changes; returns what it recorded."""
+    parent_run_id = plan["parent_run_id"]
+    result = SweepResult(spec.name, parent_run_id, uri, folder)
+    result.trials = trial_table(uri, parent_run_id)
+    result.failed = sum(1 for t in result.trials if t["status"] == "FAILED")
+    from replab.platform import tracking
+
+    result.wall_time_s = retry(tracking.client(uri).get_run, parent_run_id).data.metrics.get("sweep/wall_time_s", 0.0)
+    echo(f"sweep {spec.name}: already finished ({len(result.trials)} trials); nothing to run. "
+         f"`replab report {spec.name}` re-fits it.")
+    return result
+
+
+def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, callback, verbose: bool) -> bool:
+    """Fit (or restore and finish) the sweep's pending Tune experiments; True when one was interrupted."""
+    from ray import tune
+
+    for job in _pending_jobs(spec, cells, folder):
         exp_name, space, metric, mode, num_samples, concurrency = job[:6]
         path = f"{folder}/tune/{exp_name}"
-        if (Path(folder) / "tune" / f"{exp_name}.done").exists():
-            continue
         if tune.Tuner.can_restore(path):
-            echo(f"  resuming {exp_name} from {path}")
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
         else:
             scheduler = None
@@ -207,7 +264,7 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
                     reuse_actors=False,
                 ),
                 run_config=tune.RunConfig(
-                    name=exp_name, storage_path=f"{folder}/tune", callbacks=[callback], verbose=1,
+                    name=exp_name, storage_path=f"{folder}/tune", callbacks=[callback], verbose=1 if verbose else 0,
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),
             )
@@ -218,6 +275,22 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
         if all(s == "TERMINATED" for s in states):
             (Path(folder) / "tune" / f"{exp_name}.done").touch()
     return False
+
+
+QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic")
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Ray's, Tune's and MLflow's own logging from warnings up only (``verbose``: as they come). Ray's
+    processes inherit the environment set here: no repeated-log dedup notices, no Tune/Train progress reports."""
+    if verbose:
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers, no hint
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints its tables even at verbose=0
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

@@ -109,6 +109,9 @@ def _check_cell(cfg: RunConfig, spec: SweepSpec, where: str) -> None:
         if spec.scheduler is not None and cfg.eval.every != 1:
             raise ConfigError(f"sweep.scheduler: asha compares {spec.search.metric} after every epoch; set "
                               "eval.every=1 or sweep.search.metric=train/epoch_loss")
+    if spec.trial_runner == "direct" and cfg.train.num_workers > 1:
+        raise ConfigError(f"sweep.trial_runner: direct trains one worker in the trial's process but "
+                          f"train.num_workers={cfg.train.num_workers} ({where}); use auto or ray_train")
     key = "data.unlabeled_size" if uses_pool(cfg.data) else "data.limit"
     size = getattr(cfg.data, key.split(".")[1], None)
     if size is not None and size < cfg.train.batch_size:
@@ -129,6 +132,35 @@ def trial_name(cell_id: str, searched: dict[str, Any]) -> str:
         return cell_id
     digest = hashlib.sha1(json.dumps(searched, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{cell_id}-s{digest}"
+
+
+def runner_of(choice: str, cfg: RunConfig) -> str:
+    """The trial runner of a cell: ``sweep.trial_runner``, with ``auto`` -> ``direct`` for one worker, else
+    ``ray_train``."""
+    if choice != "auto":
+        return choice
+    return "direct" if cfg.train.num_workers <= 1 else "ray_train"
+
+
+def short_label(axis: str, label: str) -> str:
+    """One axis value in a run name: ``m0.25`` (width), ``mr18w0.5``, ``d5000``, ``r32``, ``e10``, ``simclr``
+    (``*.name`` axes), ``lr0.1`` (other keys)."""
+    if axis == "model_size":
+        return "m" + (label[1:] if label.startswith("w") else label)
+    if axis in ("data_size", "resolution", "compute"):
+        return axis_short(axis) + label
+    key = axis.split(".")[-1]
+    return label if key == "name" else f"{key}{label}"
+
+
+def run_labels(cells: list[Cell]) -> dict[str, str]:
+    """Cell id -> the short, distinct start of its trials' MLflow run names: the values of the axes that vary,
+    in axis order (``m0.25-d5000-r32``); the cell id where the short forms would collide."""
+    varying = [a for a in (cells[0].axes if cells else {}) if len({c.labels[a] for c in cells}) > 1]
+    names = {c.id: "-".join(short_label(a, c.labels[a]) for a in varying) or c.id for c in cells}
+    if len(set(names.values())) < len(names):
+        return {c.id: c.id for c in cells}
+    return names
 
 
 def sweep_dir(cfg: RunConfig, name: str) -> str:

@@ -1,6 +1,8 @@
 """The sweep's MLflow runs: one parent run per sweep (created on the driver; tag ``replab.sweep``) and one nested
-child run per trial (opened by the trial with the parent's id). Axis values are the child's ``sweep.<axis>``
-params and tags. SQLite under concurrent writers: every MLflow write here is retried (:func:`retry`).
+child run per trial (opened by the trial with the parent's id). On a child, each axis is a numeric ``sweep.<axis>``
+param and ``sweep/<axis>`` metric (encoder parameters, images, resolution, epochs; a config key's own value) and its
+label a ``sweep.<axis>`` tag. The parent carries only what every cell shares, the axes as lists, and a description
+(``mlflow.note.content``). SQLite under concurrent writers: every MLflow write here is retried (:func:`retry`).
 """
 
 from __future__ import annotations
@@ -66,18 +68,52 @@ def open_parent(cfg: RunConfig, spec: SweepSpec, cells: list[Cell], folder: str,
         retry(c.update_run, existing.info.run_id, status="RUNNING")
         return existing.info.run_id
     tags = {SWEEP_TAG: spec.name, ROLE_TAG: "sweep", "mlflow.runName": spec.name, "replab.sweep_dir": folder,
-            tracking.RUN_TAG: f"sweep:{spec.name}"}
+            tracking.RUN_TAG: f"sweep:{spec.name}", tracking.NOTE_TAG: parent_note(spec, cells)}
     run = retry(c.create_run, retry(tracking.experiment_id, uri, cfg.tracking.experiment), tags=tags,
                 run_name=spec.name)
     run_id = run.info.run_id
-    params = {"sweep.name": spec.name, "sweep.cells": len(cells), "sweep.axes": json.dumps(spec.axes),
-              "sweep.metric": spec.metric, "sweep.max_concurrent": spec.max_concurrent,
-              "sweep.search": json.dumps(spec.search.__dict__) if spec.search else "none",
-              "sweep.scheduler": json.dumps(spec.scheduler.__dict__) if spec.scheduler else "none"}
-    params.update({k: v for k, v in cells[0].config.flat().items() if not k.startswith("tracking.")})
-    retry(tracking.log_params, uri, run_id, params)
+    retry(tracking.log_params, uri, run_id, parent_params(spec, cells))
     retry(c.log_dict, run_id, {k: v for k, v in raw.items()}, "sweep_config.yaml")
     return run_id
+
+
+def parent_params(spec: SweepSpec, cells: list[Cell]) -> dict[str, Any]:
+    """The parent's params: the sweep's settings, each axis as the list of its labels (``sweep.axis.<axis>``), and
+    the config keys whose value every cell shares (a key that differs between cells is an axis, not a param)."""
+    params: dict[str, Any] = {
+        "sweep.name": spec.name, "sweep.cells": len(cells), "sweep.axes": json.dumps(spec.axes),
+        "sweep.metric": spec.metric, "sweep.max_concurrent": spec.max_concurrent,
+        "sweep.trial_runner": spec.trial_runner, "sweep.bootstrap": spec.bootstrap,
+        "sweep.search": json.dumps(spec.search.__dict__) if spec.search else "none",
+        "sweep.scheduler": json.dumps(spec.scheduler.__dict__) if spec.scheduler else "none"}
+    params.update({f"sweep.axis.{a}": [c for c in dict.fromkeys(cell.labels[a] for cell in cells)] for a in spec.axes})
+    flats = [c.config.flat() for c in cells]
+    params.update({k: v for k, v in flats[0].items()
+                   if not k.startswith("tracking.") and all(f.get(k) == v for f in flats[1:])})
+    return params
+
+
+def parent_note(spec: SweepSpec, cells: list[Cell]) -> str:
+    """The parent run's description: what the sweep varies and measures (the report adds its findings)."""
+    axes = "; ".join(f"**{a}**: {', '.join(dict.fromkeys(c.labels[a] for c in cells))}" for a in spec.axes)
+    return (f"Scaling sweep `{spec.name}`: {len(cells)} cells, {axes}. Metric `{spec.metric}` "
+            f"(error = 1 - top-1 for accuracies). One child run per trial; config in `sweep_config.yaml`.")
+
+
+def update_parent(uri: str, parent_run_id: str, metrics: dict[str, float] | None = None,
+                  note: str | None = None, step: int = 0) -> None:
+    """Add summary metrics to the parent run (logged once, at ``step``) and/or append ``note`` (markdown) to its
+    description, replacing an earlier appended section that starts with the same first line."""
+    from replab.platform import tracking
+
+    if metrics:
+        retry(tracking.RunLogger(uri, parent_run_id).metrics, metrics, step=step)
+    if note:
+        c = tracking.client(uri)
+        text = retry(c.get_run, parent_run_id).data.tags.get(tracking.NOTE_TAG, "")
+        head = note.strip().splitlines()[0]
+        kept = [part for part in text.split("\n\n---\n\n") if not part.strip().startswith(head)]
+        retry(c.set_tag, parent_run_id, tracking.NOTE_TAG, "\n\n---\n\n".join(kept + [note.strip()]))
 
 
 def mark_stale_children(uri: str, parent_run_id: str, status: str = "KILLED") -> int:
@@ -110,6 +146,25 @@ def open_child(cfg: RunConfig, parent_run_id: str, run_label: str, params: dict,
     return run.info.run_id
 
 
+def find_child(uri: str, parent_run_id: str, trial: str):
+    """The child run of trial ``trial`` (tag ``replab.trial``) under the parent, or None."""
+    from replab.platform import tracking
+
+    parent = retry(tracking.client(uri).get_run, parent_run_id)
+    runs = _search_runs(uri, [parent.info.experiment_id],
+                        f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'")
+    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
+
+
+def axis_labels(run) -> dict[str, str]:
+    """Axis -> label of a child run: its ``sweep.<axis>`` tags (the params hold the numbers), or, for runs of
+    sweeps recorded before axes became numeric params, its ``sweep.<axis>`` params."""
+    def labels(items) -> dict[str, str]:
+        return {k[len("sweep."):]: v for k, v in items if k.startswith("sweep.") and not k.startswith("sweep.search.")}
+
+    return labels(run.data.tags.items()) or labels(run.data.params.items())
+
+
 def trial_table(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
     """One row per child run: trial name, status, axis labels and the final metrics."""
     from replab.platform import tracking
@@ -123,8 +178,7 @@ def trial_table(uri: str, parent_run_id: str) -> list[dict[str, Any]]:
             "run_id": run.info.run_id,
             "status": run.info.status,
             "early_stopped": run.data.tags.get("replab.early_stopped") == "true",
-            "axes": {k[len("sweep."):]: v for k, v in run.data.params.items()
-                     if k.startswith("sweep.") and not k.startswith("sweep.search.")},
+            "axes": axis_labels(run),
             "params": dict(run.data.params),
             "metrics": dict(run.data.metrics),
         })

@@ -21,6 +21,8 @@ The experiment YAML carries a ``sweep:`` section next to the usual run sections:
       trial_cpus: 0.1                # CPUs of the Tune function (the Train workers ask for their own)
       metric: eval/knn_top1          # the scaling metric: error = 1 - top1 (or the loss itself)
       bootstrap: 200                 # resamples for the report's confidence intervals
+      trial_runner: auto             # auto: one-worker trials train in the Tune trial's process (direct),
+                                     # several workers on Ray Train; or force direct / ray_train
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ MODEL_KEYS = ("backbone", "width", "cifar_stem", "patch_size")
 
 
 SWEEP_KEYS = ("name", "axes", "search", "scheduler", "max_concurrent", "trial_cpus", "metric", "bootstrap",
-              "save_encoders")
+              "save_encoders", "trial_runner")
+
+
+TRIAL_RUNNERS = ("auto", "direct", "ray_train")
+"""How a trial trains: ``direct`` in the Tune trial's own process (one worker), ``ray_train`` on a Ray Train worker
+group, ``auto`` direct for one worker and Ray Train for several."""
 
 
 METRICS = ("eval/knn_top1", "eval/linear_top1", "train/epoch_loss")
@@ -96,6 +103,7 @@ class SweepSpec:
     metric: str = "eval/knn_top1"
     bootstrap: int = 200
     save_encoders: bool = True
+    trial_runner: str = "auto"
 
 
 def error_of(metric: str, value: float) -> float:
@@ -198,6 +206,10 @@ def parse_spec(raw: dict, source: str = "") -> SweepSpec:
     search = _parse_search(sweep["search"], metric, set_keys) if sweep.get("search") is not None else None
     scheduler = _parse_scheduler(sweep.get("scheduler"), search)
 
+    runner = sweep.get("trial_runner", "auto")
+    if runner not in TRIAL_RUNNERS:
+        raise ConfigError(f"sweep.trial_runner: {_one_line(runner)} is not valid; choose one of: "
+                          f"{', '.join(TRIAL_RUNNERS)}")
     name = sweep.get("name") or ""
     if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", str(name)):
         raise ConfigError(f"sweep.name: {_one_line(name)} is not valid; use letters, digits and _ . + -")
@@ -213,6 +225,7 @@ def parse_spec(raw: dict, source: str = "") -> SweepSpec:
         metric=metric,
         bootstrap=_int("sweep.bootstrap", sweep.get("bootstrap", 200), minimum=0),
         save_encoders=bool(sweep.get("save_encoders", True)),
+        trial_runner=str(runner),
     )
 
 
@@ -342,6 +355,6 @@ def sweep_digest(raw: dict) -> str:
     (d.get("data") or {}).pop("root", None)
     for key in ("storage_path", "name", "log_every", "max_failures"):
         (d.get("train") or {}).pop(key, None)
-    for key in ("name", "max_concurrent", "trial_cpus", "metric", "bootstrap", "save_encoders"):
+    for key in ("name", "max_concurrent", "trial_cpus", "metric", "bootstrap", "save_encoders", "trial_runner"):
         (d.get("sweep") or {}).pop(key, None)
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]

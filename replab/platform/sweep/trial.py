@@ -1,10 +1,12 @@
 """One trial of a sweep: a Tune function trainable (:func:`_trial`) that runs a full replab training run.
 
-It builds and fits a Ray Train ``TorchTrainer`` over :func:`replab.platform.train.ray_train.ray_train_fn`
-with ``RunConfig(name=<trial name>, storage_path=<sweep dir>/train, callbacks=[TuneReportCallback()])``, so
-every epoch's report is a Tune iteration (ASHA can stop it). A trial that already finished
-(``trials/<name>/done.json``) only re-reports its result. Every trial records its compute (encoder and total
-parameters, training FLOPs, images seen, training and wall time, accelerator).
+A one-worker trial (``sweep.trial_runner`` auto or direct) runs the training loop in the trial's own process
+(:mod:`replab.platform.sweep.direct`); a trial with several workers builds and fits a Ray Train ``TorchTrainer``
+over :func:`replab.platform.train.ray_train.ray_train_fn` with ``RunConfig(name=<trial name>,
+storage_path=<sweep dir>/train, callbacks=[TuneReportCallback()])``. Either way every epoch's report is a Tune
+iteration (ASHA can stop it) and checkpoints live under ``<sweep dir>/train/<trial name>``. A trial that already
+finished (``trials/<name>/done.json``) only re-reports its result. Every trial records its compute (encoder and
+total parameters, training FLOPs, images seen, training and wall time, accelerator).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from replab.config import RunConfig, apply_override
 from replab.platform.sweep.compute import accelerator, count_compute
-from replab.platform.sweep.grid import cell_raw, trial_name
+from replab.platform.sweep.grid import cell_raw, runner_of, trial_name
 from replab.platform.sweep.runs import CELL_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG, open_child, retry
 from replab.validate import from_dict
 
@@ -61,26 +63,63 @@ def trial_compute(folder: Path, cfg: RunConfig) -> dict[str, Any]:
     return compute
 
 
+def axis_values(cell: dict[str, Any], cfg: RunConfig, compute: dict[str, Any], num_rows: int) -> dict[str, Any]:
+    """Each axis of the cell as a number: encoder parameters (model_size), training images (data_size),
+    resolution, epochs (compute), a config key's own value; a non-numeric value (a method name) as its label."""
+    measured = {"model_size": compute["params"], "data_size": num_rows, "resolution": cfg.data.resolution,
+                "compute": cfg.train.epochs}
+    out = {}
+    for axis, value in cell["axes"].items():
+        if axis in measured:
+            out[axis] = measured[axis]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[axis] = value
+        else:
+            out[axis] = cell["labels"][axis]
+    return out
+
+
 def open_trial_run(cfg: RunConfig, config: dict[str, Any], plan: dict[str, Any], name: str,
-                   compute: dict[str, Any]) -> str:
-    """Open the trial's MLflow child run under the sweep's parent: axis values as params and tags, the run's
-    flat config (tracking keys aside) and its compute count as params. Returns the run id."""
+                   compute: dict[str, Any], num_rows: int) -> str:
+    """Open the trial's MLflow child run under the sweep's parent, named ``<axis values> <sweep>``
+    (``m0.25-d5000 scaling-cifar10``): each axis a numeric ``sweep.<axis>`` param and ``sweep/<axis>`` metric
+    and its label a tag, the run's flat config (tracking keys aside) and its compute count as params. Returns
+    the run id."""
     cell = plan["cells"][config["cell"]]
     searched = {k: v for k, v in config.items() if k != "cell"}
-    axis_params = {f"sweep.{a}": cell["labels"][a] for a in cell["axes"]}
-    axis_params.update({f"sweep.search.{k}": v for k, v in searched.items()})
+    values = axis_values(cell, cfg, compute, num_rows)
+    label = cell["run_label"] + (name[len(config["cell"]):] if searched else "")  # + the searched values' hash
     tags = {SWEEP_TAG: plan["name"], ROLE_TAG: "trial", TRIAL_TAG: name, CELL_TAG: config["cell"],
             "method": cfg.method.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
-            "compute.accelerator": compute["accelerator"], **axis_params}
-    params = {**cfg.flat(), **axis_params, "compute.params": compute["params"],
+            "compute.accelerator": compute["accelerator"], "replab.trial_runner": runner_of(plan["trial_runner"], cfg),
+            **{f"sweep.{a}": cell["labels"][a] for a in cell["axes"]}}
+    params = {**cfg.flat(), **{f"sweep.{a}": v for a, v in values.items()},
+              **{f"sweep.search.{k}": v for k, v in searched.items()}, "compute.params": compute["params"],
               "compute.params_total": compute["params_total"], "compute.flops_per_step": compute["flops_per_step"],
-              "compute.flops_counted_on": compute["counted_on"]}
+              "compute.flops_counted_on": compute["counted_on"], "compute.dataset_images": num_rows}
     params = {k: v for k, v in params.items() if not k.startswith("tracking.")}
-    return open_child(cfg, plan["parent_run_id"], f"{plan['name']}.{name}", params, tags)
+    run_id = open_child(cfg, plan["parent_run_id"], f"{label} {plan['name']}", params, tags)
+    numeric = {f"sweep/{a}": v for a, v in values.items() if isinstance(v, (int, float))}
+    numeric.update({f"sweep/search.{k}": v for k, v in searched.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    from replab.platform import tracking
+
+    retry(tracking.RunLogger(cfg.tracking.uri, run_id).metrics, numeric, step=0)
+    return run_id
 
 
-def fit_trial(cfg: RunConfig, name: str, train_data, run_id: str):
-    """Fit the trial's Ray Train ``TorchTrainer`` (its epochs reported to Tune); returns Ray's ``Result``."""
+def fit_trial(cfg: RunConfig, name: str, train_data, run_id: str, runner: str):
+    """Train the trial, its epochs reported to Tune: in this process (``direct``) or on Ray Train's worker group;
+    returns the run's last metrics and checkpoint (Ray's ``Result`` or a :class:`DirectResult`)."""
+    if runner == "direct":
+        from replab.platform.sweep.direct import fit_direct
+
+        return fit_direct(cfg, f"{cfg.train.storage_path}/{name}", train_data, run_id)
+    return fit_ray_train(cfg, name, train_data, run_id)
+
+
+def fit_ray_train(cfg: RunConfig, name: str, train_data, run_id: str):
+    """Fit the trial's Ray Train ``TorchTrainer``; returns Ray's ``Result``."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -140,7 +179,7 @@ def log_trial(logger, result, metrics: dict[str, Any], summary: dict[str, Any], 
     """Log the trial's summary and outputs (encoder and history, or only the eval summary) and finish its run."""
     from replab.platform.train.ray_train import log_outputs
 
-    retry(logger.metrics, summary, step=summary["compute/steps"])
+    retry(logger.metrics, summary, step=0)  # constants of the trial: one value each, not a series
     if save_encoders:
         retry(log_outputs, logger, result, metrics)
     else:
@@ -157,7 +196,7 @@ def _append_line(path: Path, start: float) -> None:
 
 
 def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
-    """The Tune function trainable: one full replab training run (Ray Train inside the Tune trial)."""
+    """The Tune function trainable: one full replab training run (in this process, or Ray Train's)."""
     import ray.tune
     from ray.data import DataContext
 
@@ -179,13 +218,13 @@ def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
     mark = time.time()
     compute = trial_compute(folder, cfg)
     phases["compute_count_s"], mark = time.time() - mark, time.time()
-    run_id = open_trial_run(cfg, config, plan, name, compute)
+    train_data = build_trial_data(cfg)
+    phases["dataset_s"], mark = time.time() - mark, time.time()
+    run_id = open_trial_run(cfg, config, plan, name, compute, train_data.num_rows)
     logger = tracking.RunLogger(cfg.tracking.uri, run_id)
     phases["mlflow_open_s"], mark = time.time() - mark, time.time()
     try:
-        train_data = build_trial_data(cfg)
-        phases["dataset_s"], mark = time.time() - mark, time.time()
-        result = fit_trial(cfg, name, train_data, run_id)
+        result = fit_trial(cfg, name, train_data, run_id, runner_of(plan["trial_runner"], cfg))
         phases["fit_s"], mark = time.time() - mark, time.time()
         metrics, summary = trial_summary(cfg, run_id, result, compute, train_data.num_rows, phases["fit_s"], start)
         log_trial(logger, result, metrics, summary, plan.get("save_encoders", True))

@@ -140,19 +140,22 @@ def ray_train_fn(loop_config: dict[str, Any]) -> None:
     train_worker(cfg, env, loop_config["num_rows"], eval_data_fn=lambda: load_eval_data(cfg), logger=logger)
 
 
-def ensure_ray(train_cpus: float = 0.0) -> None:
+def ensure_ray(train_cpus: float = 0.0, quiet: bool = False) -> None:
     """Join the cluster of a ``ray job submit`` (or $RAY_ADDRESS), else start a quiet local instance.
 
     A local instance gets the machine's cores *plus* the train workers' CPU requests as logical CPUs, so
     Ray Data's decode tasks always have CPUs to run on (with only the cores, two train workers on a 2-core
-    laptop would hold every CPU and the input pipeline would never be scheduled).
+    laptop would hold every CPU and the input pipeline would never be scheduled). ``quiet``: Ray's own
+    logging from errors up, and the workers' output not forwarded to this terminal (``replab sweep`` prints
+    one line per trial; a trial's error reaches it through Tune).
     """
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    kwargs: dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING,
+                                  log_to_driver=not quiet, configure_logging=True)
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = int((os.cpu_count() or 1) + max(1, round(train_cpus)))
         # Library deprecation notices from inside Ray's own actors are not the user's to act on.
