@@ -46,8 +46,10 @@ from replab.platform.train.loop import LocalEnv, build_method, train_worker
 from replab.validate import from_dict, load_config
 
 KNOWN = [2, 3, 4, 5, 6, 7]
-POOLS = {"r00": ("0.0", "cifar10"), "r25": ("0.25", "cifar10"), "r50": ("0.5", "cifar10"),
-         "r75": ("0.75", "cifar10"), "tin50": ("0.5", "tinyimagenet")}
+# (out-of-class share, its source: "" = the 4 unknown CIFAR-10 classes; data.ood_dataset=cifar10 would draw
+# from all 10 classes and give a ~20 % share at 0.5)
+POOLS = {"r00": ("0.0", ""), "r25": ("0.25", ""), "r50": ("0.5", ""), "r75": ("0.75", ""),
+         "tin50": ("0.5", "tinyimagenet")}
 REPORTED = ["snn_top1", "auroc", "ood_auroc", "pin_auroc_start", "pin_auroc_end"]
 
 
@@ -81,7 +83,7 @@ def run_config(method: str, pool_key: str, labels: int, seed: int, init: str, ar
     return common(args, seed) + [
         "data.dataset=cifar10", f"data.known_classes={KNOWN}", f"data.labels_per_class={labels}",
         f"data.split_seed={seed}", "data.unlabeled_exclude_labeled=true", f"data.ood_fraction={ratio}",
-        f"data.ood_dataset={source}", f"data.unlabeled_size={args.pool}", f"method.name={method}",
+        *([f"data.ood_dataset={source}"] if source else []), f"data.unlabeled_size={args.pool}", f"method.name={method}",
         f"train.epochs={args.epochs}", f"train.warmup_epochs={args.warmup_epochs}", "train.checkpoint_every=1",
         f"method.support_images_per_class={args.support_per_class}", f"method.n_local_crops={args.local_crops}",
         f"model.init={init}"]
