@@ -87,6 +87,9 @@ class ModelConfig:
     """3x3 stride-1 stem without max-pool; ``auto`` turns it on at resolution <= 64."""
     patch_size: int | None = None
     """ViT patch size; None picks one from the resolution (4 at 32 px, 8 at 64 px, 16 above)."""
+    init: str | None = None
+    """Start from the encoder of another run: an MLflow run id or name, a run folder, a checkpoint folder, or an
+    exported encoder file (.safetensors / .pt state dict). Only the encoder; a resumed run keeps its own."""
 
 
 @dataclass
@@ -367,6 +370,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     positive("eval.every", cfg.eval.every, allow_zero=True)
     positive("eval.knn_k", cfg.eval.knn_k)
     positive("model.width", cfg.model.width)
+    if cfg.model.init is not None and (not isinstance(cfg.model.init, str) or not cfg.model.init.strip()):
+        raise ConfigError(f"model.init: {cfg.model.init!r} is not valid; expected an MLflow run id or name, a run "
+                          "or checkpoint folder, or an encoder file (.safetensors / .pt)")
     workers = max(cfg.train.num_workers, 1)
     if cfg.train.batch_size % workers:
         raise ConfigError(

@@ -49,11 +49,10 @@ def test_snn_and_sharpen_match_direct_formulas():
     assert torch.equal(losses.support_label_matrix(torch.tensor([7, 2, 7])), remapped)
 
 
-def _kernel_blocks(q, s, tau, prior_tau, label_ratio):
+def _kernel_blocks(q, s, tau, prior_tau, r):
     """C_L, C_U written out from the definition (independently of losses.ropaws_propagate)."""
     q, s = _unit(q).double(), _unit(s).double()
-    m, n = len(q), len(s)
-    r = label_ratio * m / n
+    m = len(q)
     kl = r * torch.exp(q @ s.T / tau)
     ku = torch.exp(q @ q.T / tau) * (1 - torch.eye(m, dtype=torch.float64))
     prior = torch.exp(((q @ s.T).max(1).values - 1) / prior_tau)
@@ -65,8 +64,8 @@ def test_label_propagation_equals_iterative_fixed_point():
     g = torch.Generator().manual_seed(1)
     q, s = torch.randn(20, 6, generator=g), torch.randn(9, 6, generator=g)
     y = losses.support_label_matrix(torch.arange(3).repeat(3), 0.1)
-    p, p_in = losses.ropaws_propagate(q, s, y, tau=0.5, prior_tau=0.5, label_ratio=5.0)
-    c_l, c_u, _ = _kernel_blocks(q, s, 0.5, 0.5, 5.0)
+    p, p_in = losses.ropaws_propagate(q, s, y, tau=0.5, prior_tau=0.5, labeled_weight=5.0 * 20 / 3)
+    c_l, c_u, _ = _kernel_blocks(q, s, 0.5, 0.5, 5.0 * 20 / 3)
     it = torch.zeros(20, 3, dtype=torch.float64)
     for _ in range(2000):
         it = c_l @ y.double() + c_u @ it
@@ -84,7 +83,7 @@ def test_ropaws_targets_on_a_toy_embedding():
     far = e[2]  # orthogonal to every labeled image
     between = e[0] + e[1]  # equally close to both classes
     queries = torch.stack([near, far, between])
-    targets, p_in = losses.ropaws_targets(queries, supports, y, tau=0.1, prior_tau=0.1, label_ratio=5.0)
+    targets, p_in = losses.ropaws_targets(queries, supports, y, tau=0.1, prior_tau=0.1, labeled_weight=5.0 * 3 / 2)
     assert torch.allclose(targets.sum(1), torch.ones(3), atol=1e-5)
     assert targets[0, 0] > 0.95 and p_in[0] > 0.9  # inherits its neighbour's label, in-class
     assert torch.allclose(targets[1], torch.full((2,), 0.5), atol=1e-3) and p_in[1] < 1e-3  # uniform, out-of-class
@@ -133,7 +132,8 @@ def _paws_cases(model, data, rows, support_rows):
         z = model(*[v[rows] for v in data["views"]], data["supports"][support_rows])
         anchors, supports = torch.cat(z[:4]), z[4]
         loss, _ = losses.paws(anchors, supports, [z[0].detach(), z[1].detach()], supports.detach(),
-                              data["labels"][support_rows], tau=0.5, ropaws=ropaws, prior_tau=0.5)
+                              data["labels"][support_rows], tau=0.5, ropaws=ropaws, prior_tau=0.5,
+                              support_images_per_class=len(data["labels"][support_rows]) // 3)
         loss.backward()
         net = model.module if hasattr(model, "module") else model
         out[name] = (loss.detach().clone(), net.weight.grad.clone())

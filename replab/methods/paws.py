@@ -13,14 +13,22 @@ views of the same image must agree on their assignment to the labeled classes:
 Targets use the same network without gradient (no EMA teacher). The labels of the unlabeled batch are
 never read: PAWS learns only from the supports' labels.
 
-Defaults (facebookresearch/suncet, configs/paws/cifar10_train.yaml): tau 0.1, sharpening T 0.25, label
-smoothing 0.1, me-max on, 10 classes x 64 images x 2 views of supports per step (``support_classes=0``: all
-known classes, which is C = 6 in the open-set protocol), 6 multi-crops of 18 px (scale 0.3-0.75) next to the
-two 32 px global views (scale 0.75-1), colour jitter strength 0.5 (no blur at CIFAR scale), no prediction
-head, 128-d output, LARS lr 3.2 at an unlabeled batch of 256, weight decay 1e-5 (cosine to 0.032 after 10
-warm-up epochs: ``train.min_lr_ratio=0.01``). The projection hidden width is 512 here (ResNet-18 features)
-where the reference uses 128 (WRN-28-2) or 2048 (ResNet-50). Supports are per worker (the reference's
-per-GPU sampler).
+Defaults: the official CIFAR-10 config (facebookresearch/suncet, ``configs/paws/cifar10_train.yaml``,
+identical in ``configs/ropaws/cifar10_train.yaml`` of the RoPAWS commit c70bb99) as ``src/paws_train.py``
+``main`` uses it: tau 0.1, sharpening T 0.25, label smoothing 0.1, me-max on, 10 classes x 64 images x 2
+views of supports per step (``support_classes=0``: all known classes, which is C = 6 in the open-set
+protocol), 6 multi-crops of 18 px (scale 0.3-0.75) next to the two 32 px global views (scale 0.75-1), colour
+jitter strength 0.5 (no blur at CIFAR scale), no prediction head, 128-d output, LARS (trust 0.001; biases
+and norms excluded from it and from weight decay) lr 3.2 at an unlabeled batch of 256, momentum 0.9,
+weight decay 1e-6, cosine to 0.032 after 10 warm-up epochs (``train.min_lr_ratio=0.01``). The heads run
+per crop size like the backbone (the reference's ``_forward_backbone`` includes the projection ``fc``).
+The loss term by term: :func:`replab.methods.losses.paws` (parity: ``tests/test_paws_parity.py``).
+
+Known differences from the official run: the warm-up here starts from 0 where the reference starts at
+0.8 (``start_lr``); the projection hidden width is 512 (ResNet-18 features) where the reference uses 128
+(WRN-28-2) or 2048 (ResNet-50); supports are drawn per worker from all labeled images (the reference
+splits each class's labeled images between GPUs), and batch norm is per worker (the reference syncs it
+over GPUs with apex, single-GPU on CIFAR-10).
 """
 
 from __future__ import annotations
@@ -75,14 +83,17 @@ class PAWS(Method):
     name = "paws"
     summary = "semi-supervised: soft nearest neighbours over labeled supports, cross-view targets (Assran et al. 2021)"
     Params = PAWSParams
-    optimizer = OptimizerDefaults(name="lars", lr=3.2, weight_decay=1e-5)
+    optimizer = OptimizerDefaults(name="lars", lr=3.2, weight_decay=1e-6)
     ropaws = False
 
     def __init__(self, backbone, params: PAWSParams, resolution: int):
         super().__init__(backbone, params, resolution)
         p = params
         self.projector = mlp(backbone.out_dim, p.proj_hidden_dim, p.proj_dim, p.proj_layers)
-        self.predictor = mlp(p.proj_dim, max(1, p.proj_dim // 4), p.proj_dim) if p.pred_head else None
+        self.predictor = None
+        if p.pred_head:  # the reference's bn1 -> fc1 -> bn2 -> relu -> fc2 (paws_train.init_model)
+            self.predictor = torch.nn.Sequential(torch.nn.BatchNorm1d(p.proj_dim),
+                                                 *mlp(p.proj_dim, max(1, p.proj_dim // 4), p.proj_dim))
         self._global, self._local = paws_views(p, resolution)
 
     def views(self) -> list[ViewSpec]:
@@ -106,11 +117,15 @@ class PAWS(Method):
         s_views = list(support.views)
         n_sup = sum(v.shape[0] for v in s_views)
         # Same-size crops share one backbone pass (and its batch-norm statistics), as the reference does.
-        feats = [self.backbone(torch.cat([*s_views, views[0], views[1]]))]
+        # The heads too run per crop size, as the reference's WideResNet/ResNet ``forward`` runs
+        # ``_forward_backbone`` (backbone + projection ``fc``) and ``_forward_head`` per group: their
+        # batch norms never mix 32 px and 18 px crops.
+        groups = [torch.cat([*s_views, views[0], views[1]])]
         if len(views) > 2:
-            feats.append(self.backbone(torch.cat(views[2:])))
-        z = self.projector(torch.cat(feats))  # targets (h in the reference)
-        a = self.predictor(z) if self.predictor is not None else z  # anchors
+            groups.append(torch.cat(views[2:]))
+        zs = [self.projector(self.backbone(g)) for g in groups]
+        z = torch.cat(zs)  # targets (h in the reference)
+        a = torch.cat([self.predictor(x) for x in zs]) if self.predictor is not None else z  # anchors
         support_labels = support.labels.repeat(len(s_views))
         loss, metrics = losses.paws(
             anchors=a[n_sup:],
@@ -118,6 +133,7 @@ class PAWS(Method):
             target_views=list(z[n_sup:n_sup + 2 * n].detach().split(n)),
             target_supports=z[:n_sup].detach(),
             support_labels=support_labels,
+            support_images_per_class=self.params.support_images_per_class,
             **self.loss_options(),
         )
         return StepOutput(loss, metrics=metrics, embeddings=z[n_sup:n_sup + n].detach())

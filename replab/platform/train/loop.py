@@ -35,6 +35,7 @@ from replab.models.backbones import build_backbone
 from replab.platform.data.augment import make_views
 from replab.platform.probes.frozen import EvalData, autocast_context, evaluate_encoder
 from replab.platform.train import optim
+from replab.platform.train import encoder_init
 from replab.platform.train.checkpoints import load_checkpoint, save_checkpoint
 from replab.validate import from_dict
 
@@ -187,10 +188,15 @@ class LoopResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build_method(cfg: RunConfig) -> Method:
+def build_method(cfg: RunConfig, init_encoder: bool = False) -> Method:
+    """The method of ``cfg`` on a fresh backbone; with ``init_encoder``, the backbone first takes the encoder
+    weights of ``model.init`` (:mod:`~replab.platform.train.encoder_init`), before the method copies it."""
     backbone = build_backbone(
         cfg.model.backbone, cfg.data.resolution, cfg.model.width, cfg.model.cifar_stem, cfg.model.patch_size
     )
+    if init_encoder and cfg.model.init:
+        state, source_model, source = encoder_init.initial_encoder(cfg, build_method)
+        encoder_init.load_into(backbone, state, source_model, cfg, source.target)
     return registry.build(cfg.method.name, cfg.method.params, backbone, cfg.data.resolution)
 
 
@@ -267,7 +273,8 @@ def build_worker(cfg: RunConfig, env: WorkerEnv, num_rows: int, logger: Any = No
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # input shapes are fixed per view: time the conv algorithms once
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg).to(device)
+    resume_dir = env.latest_checkpoint()
+    method = build_method(cfg, init_encoder=resume_dir is None).to(device)  # model.init: fresh runs only
     channels_last = cfg.train.channels_last and device.type in ("cuda", "cpu")
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
@@ -279,7 +286,6 @@ def build_worker(cfg: RunConfig, env: WorkerEnv, num_rows: int, logger: Any = No
     schedule = schedule_for(cfg, num_rows, env.world_size, peak_lr)
 
     start_epoch, step = 0, 0
-    resume_dir = env.latest_checkpoint()
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, map_location=device)
         method.load_state_dict(state["method"])

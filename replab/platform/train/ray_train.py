@@ -22,6 +22,7 @@ from replab.config import RunConfig
 from replab.platform import tracking
 from replab.platform.data import arrays, catalog, datasets, pipeline, skips, sources
 from replab.platform.probes.frozen import EvalData
+from replab.platform.train import encoder_init
 from replab.platform.train.checkpoints import load_checkpoint
 from replab.platform.train.loop import WorkerEnv, train_worker
 from replab.validate import from_dict
@@ -56,7 +57,10 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if not is_uri(storage):
         storage = str(Path(storage).expanduser().resolve())
     tracking_cfg = replace(cfg.tracking, uri=tracking.resolve_tracking_uri(cfg.tracking.uri))
-    return replace(cfg, data=data, train=replace(cfg.train, storage_path=storage), tracking=tracking_cfg)
+    model = cfg.model
+    if model.init and not is_uri(model.init) and Path(model.init).expanduser().exists():
+        model = replace(model, init=str(Path(model.init).expanduser().resolve()))
+    return replace(cfg, data=data, model=model, train=replace(cfg.train, storage_path=storage), tracking=tracking_cfg)
 
 
 def run_name(cfg: RunConfig) -> str:
@@ -185,6 +189,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
 
     cfg = resolve_paths(cfg)
     sources.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
+    init_source = encoder_init.resolve(cfg)  # a model.init that cannot be found fails here, before Ray work
     name = run_name(cfg)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
     uri = cfg.tracking.uri
@@ -192,7 +197,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     if cfg.tracking.enabled:
         check_tracking_reachable(uri)
         tags = {"method": cfg.method.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
-                **(extra_tags or {})}
+                **({encoder_init.INIT_TAG: init_source.lineage} if init_source else {}), **(extra_tags or {})}
         run_id, resumed = tracking.open_run(uri, cfg.tracking.experiment, name, cfg.flat(), tags, parent_run_id)
         logger = tracking.RunLogger(uri, run_id)
         if not resumed:

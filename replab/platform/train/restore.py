@@ -4,42 +4,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from replab.config import ConfigError, RunConfig
+from replab.config import RunConfig
 from replab.methods.base import Method
 from replab.platform import tracking
-from replab.platform.train import checkpoints
-from replab.platform.train.checkpoints import CHECKPOINT_FILE, load_checkpoint
+from replab.platform.train.checkpoints import load_checkpoint
+from replab.platform.train.encoder_init import checkpoint_for
 from replab.platform.train.loop import build_method
 from replab.validate import from_dict
 
 
-def _checkpoint_for(target: str, cfg: RunConfig) -> tuple[str, str | None]:
-    """(local checkpoint folder, MLflow run id or None) for a folder, a run id or a run name."""
-    if Path(target, CHECKPOINT_FILE).is_file():
-        return target, None
-    as_run = checkpoints.latest_checkpoint(target)
-    if as_run:
-        return checkpoints.fetch(as_run), None
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    client = tracking.client(uri)
-    run = None
-    try:
-        run = client.get_run(target)
-    except Exception:
-        run = tracking.find_run(uri, cfg.tracking.experiment, target)
-    if run is None:
-        raise ConfigError(f"{target}: not a checkpoint folder, a run folder, an MLflow run id or a run name in {uri}")
-    storage = run.data.params.get("train.storage_path", "")
-    name = run.data.tags.get(tracking.RUN_TAG, "")
-    found = checkpoints.latest_checkpoint(f"{storage.rstrip('/')}/{name}") if storage and name else None
-    if not found:
-        raise ConfigError(f"{target}: run {run.info.run_id} has no checkpoint under {storage}/{name}")
-    return checkpoints.fetch(found), run.info.run_id
+_checkpoint_for = checkpoint_for  # the resolution shared with model.init (encoder_init)
 
 
 @dataclass
