@@ -70,3 +70,21 @@ def crop_tiles(x: torch.Tensor, corners: torch.Tensor, tile: int) -> torch.Tenso
     cols = (corners[..., 1:2] + steps).view(n, k, 1, tile)
     batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
     return x.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 1, 4, 2, 3)  # [B, K, t, t, C] -> [B, K, C, t, t]
+
+
+HASH_SIDE, HASH_LEVELS, HASH_PRIME = 8, 32, 2**31 - 1
+
+
+def hash_coefficients(seed: int = 0) -> torch.Tensor:
+    """The fixed random coefficients ``[3 * 8 * 8]`` of :func:`image_slots`' universal hash (same everywhere)."""
+    return torch.randint(1, HASH_PRIME, (3 * HASH_SIDE * HASH_SIDE,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def image_slots(plain: torch.Tensor, coefficients: torch.Tensor, slots: int) -> torch.Tensor:
+    """A stable slot ``[B]`` in ``0 .. slots-1`` per image from its plain (normalised) view, for memory banks
+    when batches carry no row index (Exemplar's scheme): the view averaged to 8 x 8, [0, 1] pixels quantised
+    to 32 levels, the 192 integers hashed as ((sum_k a_k q_k) mod (2^31 - 1)) mod slots."""
+    pixels = F.adaptive_avg_pool2d(unnormalize(plain.float()).clamp(0, 1), HASH_SIDE)
+    levels = torch.round(pixels * (HASH_LEVELS - 1)).long().flatten(1)
+    return (levels * coefficients).sum(dim=1) % HASH_PRIME % slots

@@ -1,0 +1,130 @@
+"""PIRL (Misra & van der Maaten, CVPR 2020): pretext-invariant representations; an image and its jigsaw
+puzzle must embed alike, contrasted against a memory bank of the pool's embeddings.
+
+    f(v_I)  = normalize(W_f backbone(I))                                     (the image, augmented)
+    g(v_It) = normalize(W_g [ W_t backbone(tile_p(1)); ...; W_t backbone(tile_p(9)) ])  (3x3 tiles, random order p)
+    h(u, v) = exp(u . v / tau) / (exp(u . v / tau) + N / |D|)                 (Eq. 3: NCE, noise uniform on the bank)
+    L_NCE(m_I, v) = -log h(m_I, v) - sum_{I' in D_N} log(1 - h(m_I', v))      (Eq. 4; N negatives from the bank)
+    L = lambda L_NCE(m_I, g(v_It)) + (1 - lambda) L_NCE(m_I, f(v_I))          (Eq. 5)
+
+m_I is the memory-bank row of image I, an exponential moving average of its past f(v_I):
+m_I <- normalize(0.5 m_I + 0.5 f(v_I)) after each step; the N negatives are bank rows drawn uniformly.
+The batch carries no row index, so I's bank row is a hash of its pixels (Exemplar's scheme,
+:func:`~replab.methods._pretext.image_slots`; ``memory_size`` slots, rare collisions merge two images).
+The batch's ids and embeddings are gathered before the bank update, so every worker holds the same bank.
+
+Tiles: Jigsaw's (:mod:`replab.methods.jigsaw`): a 3 x 3 grid of cells, one tile of 64/85 of a cell at a
+random place in each (64 px tiles from 85 px cells of a 255 px crop in the paper), each normalised by its
+own statistics. The paper's per-tile augmentation (independent colour jitter and flips per tile) is not done.
+
+Defaults (the paper): tau 0.07, lambda 0.5, 32,000 negatives, bank momentum 0.5, 128-d embeddings, SGD lr
+0.12 at batch 1024 (0.03 per 256), weight decay 1e-4. CPU variant: ``num_negatives=4096 memory_size=8192``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replab.methods import registry
+from replab.methods._pretext import (crop_tiles, fit_to_backbone, grid_corners, hash_coefficients, image_slots)
+from replab.methods.base import Method, OptimizerDefaults, StepOutput
+from replab.methods.distributed import gather
+from replab.methods.jigsaw import normalize_tiles
+from replab.platform.data.augment import ViewSpec
+
+
+@dataclass
+class PIRLParams:
+    temperature: float = 0.07
+    loss_lambda: float = 0.5
+    """Weight of the jigsaw term; 1 - lambda on the image term."""
+    num_negatives: int = 32000
+    memory_size: int = 50000
+    memory_momentum: float = 0.5
+    proj_dim: int = 128
+    tile_fraction: float = 64 / 85
+
+
+def pirl_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
+             noise_ratio: float) -> torch.Tensor:
+    """Mean over the batch of Eq. 4 with unit ``anchor`` ``[B, D]`` (the bank rows m_I), ``positive`` ``[B, D]``
+    and ``negatives`` ``[N, D]`` (bank rows m_I'), c = N / |D| = ``noise_ratio``:
+    -log h(m_I, v) - sum_n log(1 - h(m_n, v)), with log h = s - logaddexp(s, log c), log(1 - h) = log c -
+    logaddexp(s, log c) for the score s = u . v / tau."""
+    log_c = math.log(noise_ratio)
+    with torch.autocast(anchor.device.type, enabled=False):
+        pos = (anchor.float() * positive.float()).sum(dim=1) / temperature  # [B]
+        neg = positive.float() @ negatives.float().T / temperature  # [B, N]
+        c = torch.full_like(pos, log_c)
+        loss_pos = -(pos - torch.logaddexp(pos, c))
+        loss_neg = -(log_c - torch.logaddexp(neg, c.unsqueeze(1))).sum(dim=1)
+        return (loss_pos + loss_neg).mean()
+
+
+@registry.register
+class PIRL(Method):
+    name = "pirl"
+    summary = "contrastive: image vs its jigsaw tiles, NCE against a memory bank (Misra & van der Maaten 2020)"
+    Params = PIRLParams
+    optimizer = OptimizerDefaults(name="sgd", lr=0.03, weight_decay=1e-4)
+
+    def __init__(self, backbone, params: PIRLParams, resolution: int):
+        super().__init__(backbone, params, resolution)
+        p, dim = params, backbone.out_dim
+        cell = resolution // 3
+        self.tile = max(1, int(cell * p.tile_fraction))
+        self.jitter = (cell - self.tile) // 2
+        self.image_head = nn.Linear(dim, p.proj_dim)  # W_f
+        self.tile_head = nn.Linear(dim, p.proj_dim)  # W_t, per tile
+        self.jigsaw_head = nn.Linear(9 * p.proj_dim, p.proj_dim)  # W_g on the concatenated tiles
+        seeded = torch.Generator().manual_seed(0)
+        self.register_buffer("memory", F.normalize(torch.randn(p.memory_size, p.proj_dim, generator=seeded), dim=1))
+        self.register_buffer("hash_coefficients", hash_coefficients(), persistent=False)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def views(self) -> list[ViewSpec]:
+        aug = ViewSpec(size=self.resolution, scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4,
+                       saturation=0.4, hue=0.1, grayscale_p=0.2)
+        return [aug, aug, ViewSpec.plain(self.resolution)]  # image, puzzle source, id
+
+    def jigsaw_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """g(v_It): the nine tiles of ``x`` embedded alone, concatenated in a random order per image."""
+        n = x.shape[0]
+        corners = grid_corners(n, x.shape[-1], self.tile, self.jitter, x.device)
+        tiles = normalize_tiles(crop_tiles(x, corners, self.tile))  # [B, 9, C, t, t]
+        order = torch.argsort(torch.rand(n, 9, device=x.device), dim=1)
+        tiles = tiles.gather(1, order.view(n, 9, 1, 1, 1).expand_as(tiles))
+        per_tile = self.tile_head(self.backbone(fit_to_backbone(tiles.flatten(0, 1), self.backbone)))
+        return F.normalize(self.jigsaw_head(per_tile.view(n, -1)).float(), dim=1)
+
+    def forward(self, views, labels=None) -> StepOutput:
+        p = self.params
+        ids = image_slots(views[2], self.hash_coefficients, p.memory_size)
+        f = F.normalize(self.image_head(self.backbone(views[0])).float(), dim=1)
+        g = self.jigsaw_embedding(views[1])
+        m_i = self.memory[ids].float()
+        negatives = self.memory[torch.randint(p.memory_size, (p.num_negatives,), device=f.device)]
+        ratio = p.num_negatives / p.memory_size
+        loss_jigsaw = pirl_nce(m_i, g, negatives, p.temperature, ratio)
+        loss_image = pirl_nce(m_i, f, negatives, p.temperature, ratio)
+        loss = p.loss_lambda * loss_jigsaw + (1 - p.loss_lambda) * loss_image
+        if self.training:  # applied after the optimizer step
+            self._pending = (gather(ids), gather(f.detach()))
+        metrics = {"loss_jigsaw": loss_jigsaw.detach(), "loss_image": loss_image.detach(),
+                   "image_jigsaw_cos": (f * g).sum(dim=1).mean().detach()}
+        return StepOutput(loss, metrics=metrics, embeddings=f.detach())
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """m_I <- normalize(m m_I + (1 - m) f(v_I)) for the (gathered) batch's images."""
+        if self._pending is None:
+            return
+        ids, f = self._pending
+        self._pending = None
+        m = self.params.memory_momentum
+        self.memory.index_copy_(0, ids, F.normalize(m * self.memory[ids] + (1 - m) * f.to(self.memory.dtype), dim=1))
