@@ -24,7 +24,7 @@ from replab.platform.data import arrays, catalog, datasets, pipeline, skips, sou
 from replab.platform.probes.frozen import EvalData
 from replab.platform.train.checkpoints import load_checkpoint
 from replab.platform.train.loop import WorkerEnv, train_worker
-from replab.validate import from_dict
+from replab.validate import check_fits_machine, from_dict
 
 
 @dataclass
@@ -59,17 +59,28 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     return replace(cfg, data=data, train=replace(cfg.train, storage_path=storage), tracking=tracking_cfg)
 
 
+NAME_EXCLUDED = {
+    "data.root": "where the named datasets live, not which data (the dataset and split are in the hash)",
+    "data.download": "whether a missing dataset may be fetched; the data trained on is the same",
+    "train.storage_path": "where checkpoints go",
+    "train.name": "an explicit name replaces the derived one",
+    "train.max_failures": "how often Ray restarts failed workers; a restart resumes the same run",
+    "train.log_every": "how often train/loss is logged; the steps taken are the same",
+    "tracking.uri": "where the run is logged",
+    "tracking.experiment": "where the run is logged",
+    "tracking.enabled": "whether the run is logged",
+}
+"""Keys left out of the run-name hash, and why: none of them changes what is trained or measured. Every other
+key of data, model, method, train and eval is in the hash (eval: it changes what the run reports)."""
+
+
 def run_name(cfg: RunConfig) -> str:
-    """``train.name`` or ``<method>-<backbone>-<dataset>-<hash of what defines the run>``."""
+    """``train.name`` or ``<method>-<backbone>-<dataset>-<sha1 of every key but NAME_EXCLUDED>``."""
     if cfg.train.name:
         return cfg.train.name
     d = cfg.to_dict()
-    defining = {
-        "data": {k: v for k, v in d["data"].items() if k not in ("root",)},
-        "model": d["model"],
-        "method": d["method"],
-        "train": {k: v for k, v in d["train"].items() if k not in ("storage_path", "name", "max_failures", "log_every")},
-    }
+    defining = {section: {k: v for k, v in d[section].items() if f"{section}.{k}" not in NAME_EXCLUDED}
+                for section in ("data", "model", "method", "train", "eval")}
     digest = hashlib.sha1(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:8]
     dataset = Path(cfg.data.dataset.rstrip("/")).name or "data"
     return f"{cfg.method.name}-{cfg.model.backbone}-{dataset}-{digest}"
@@ -180,6 +191,10 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    import ray
+
+    if not ray.is_initialized():
+        check_fits_machine(cfg)  # a local instance: refuse what the machine cannot hold, before Ray starts
     cfg = resolve_paths(cfg)
     sources.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
     name = run_name(cfg)
