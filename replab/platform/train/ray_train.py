@@ -156,7 +156,10 @@ def ensure_ray(train_cpus: float = 0.0) -> None:
 
     A local instance gets the machine's cores *plus* the train workers' CPU requests as logical CPUs, so
     Ray Data's decode tasks always have CPUs to run on (with only the cores, two train workers on a 2-core
-    laptop would hold every CPU and the input pipeline would never be scheduled).
+    laptop would hold every CPU and the input pipeline would never be scheduled). It binds loopback wherever
+    Ray 2.60 allows it (:func:`local_ray_kwargs`) and keeps token authentication on: its gRPC servers listen on
+    every interface whatever the node address, so the token is what keeps other hosts out (README, "What a
+    local run exposes").
     """
     import ray
 
@@ -165,13 +168,38 @@ def ensure_ray(train_cpus: float = 0.0) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = int((os.cpu_count() or 1) + max(1, round(train_cpus)))
-        # Library deprecation notices from inside Ray's own actors are not the user's to act on.
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+        kwargs.update(local_ray_kwargs(train_cpus))
     ray.init(**kwargs)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def local_ray_kwargs(train_cpus: float = 0.0) -> dict[str, Any]:
+    """``ray.init`` arguments of a local instance: CPUs, the dashboard on 127.0.0.1, and the node address on
+    loopback; refuses ``RAY_AUTH_MODE=disabled`` (one line) since Ray's servers listen on every interface.
+
+    Ray 2.60 rewrites a ``_node_ip_address`` of 127.0.0.1 to the routable address unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off (``services.resolve_ip_for_localhost``); turning it off for this
+    process (and, through the environment, Ray's own) keeps the node address, the GCS address and the
+    addresses workers and agents advertise on loopback. The gRPC servers still bind ``*``.
+    """
+    from ray._private import ray_constants
+
+    from replab.config import ConfigError
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise ConfigError("RAY_AUTH_MODE=disabled: a local run keeps Ray's token authentication on (Ray's servers "
+                          "listen on every interface); unset RAY_AUTH_MODE")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by services.get_node_ip_address
+    return {
+        "num_cpus": int((os.cpu_count() or 1) + max(1, round(train_cpus))),
+        "dashboard_host": "127.0.0.1",
+        "_node_ip_address": "127.0.0.1",
+        # Library deprecation notices from inside Ray's own actors are not the user's to act on.
+        "runtime_env": {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+    }
 
 
 def check_tracking_reachable(uri: str) -> None:
