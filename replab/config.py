@@ -129,6 +129,10 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     """Cap on steps per epoch (None: all full batches)."""
     log_every: int = 20
+    deterministic: bool = True
+    """One seed, one machine, one worker: the same data order and losses run after run (Ray Data keeps the
+    block order, the trainer-side shuffle buffer is seeded per epoch; on GPU also deterministic cuDNN/cuBLAS
+    kernels). Off: blocks arrive as tasks finish (docs/BENCHMARKS.md, 'Deterministic data order', for the cost)."""
 
 
 @dataclass

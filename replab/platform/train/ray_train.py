@@ -103,7 +103,7 @@ def load_eval_data(cfg: RunConfig) -> EvalData | None:
 class RayEnv(WorkerEnv):
     """The loop's runtime inside a Ray Train worker."""
 
-    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None):
+    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None, shuffle_seed: int | None = None):
         import ray.train
         import ray.train.torch
 
@@ -114,12 +114,16 @@ class RayEnv(WorkerEnv):
         self.shard = ray.train.get_dataset_shard("train")
         self.shuffle_buffer = shuffle_buffer
         self.skip_counter = skip_counter
+        self.shuffle_seed = shuffle_seed
+        """Seed of the local shuffle buffer (None: unseeded); each epoch and worker draws from its own."""
 
     def batches(self, epoch, batch_size):
+        seed = None if self.shuffle_seed is None else (self.shuffle_seed * 1_000_003 + epoch * 1009 + self.rank)
         yield from self.shard.iter_torch_batches(
             # Ray 2.60 yields short batches mid-epoch when the buffer is under two batches: keep it above.
             batch_size=batch_size, drop_last=True,
             local_shuffle_buffer_size=max(self.shuffle_buffer, 2 * batch_size) if self.shuffle_buffer else None,
+            local_shuffle_seed=seed if self.shuffle_buffer else None,
             prefetch_batches=2, pin_memory=self.device.type == "cuda",
         )
 
@@ -144,7 +148,8 @@ class RayEnv(WorkerEnv):
 def ray_train_fn(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     cfg = from_dict(loop_config["config"])
-    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"))
+    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"),
+                 cfg.train.seed if cfg.train.deterministic else None)
     logger = None
     if env.rank == 0 and loop_config.get("run_id"):
         logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
@@ -235,6 +240,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
                 **(extra_tags or {})}
         run_id, resumed = tracking.open_run(uri, cfg.tracking.experiment, name, cfg.flat(), tags, parent_run_id)
         logger = tracking.RunLogger(uri, run_id)
+        logger.tag("replab.seed", seed_note(cfg))
         if not resumed:
             logger.dict(cfg.to_dict(), "config.yaml")
             if cfg.source_file:
@@ -263,6 +269,8 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": train_data.dataset},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=pipeline.ingest_options(cfg.train.deterministic)),
     )
     try:
         result = trainer.fit()
@@ -279,13 +287,29 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     return FitResult(name, run_id, uri, metrics, checkpoint_path)
 
 
+def seed_note(cfg: RunConfig) -> str:
+    """What the seeds fix, as logged on the run (tag ``replab.seed``)."""
+    note = (f"train.seed={cfg.train.seed} fixes the initialisation and the augmentation stream; "
+            f"data.seed={cfg.data.seed} the subset (data.limit) and the read order")
+    if cfg.train.deterministic:
+        note += ("; train.deterministic=true: Ray Data keeps the block order and the shuffle buffer is seeded, "
+                 "so one worker on one machine repeats the same losses")
+        if cfg.train.num_workers > 1:
+            note += " (with several workers the split of blocks between them may still vary)"
+        if cfg.train.use_gpu:
+            note += "; GPU: deterministic cuDNN/cuBLAS kernels"
+    else:
+        note += "; train.deterministic=false: the data order varies from run to run"
+    return note
+
+
 def build_train_data(cfg: RunConfig, logger: tracking.RunLogger | None = None) -> pipeline.TrainData:
     """The training stream: the dataset itself, or (semi-supervised / open-set) the mixed unlabeled pool,
     whose images reach the trainers with label -1; the labeled split file is written first, on the driver."""
     from replab.platform.data import labeled, pool
 
     if not labeled.uses_unlabeled_pool(cfg.data):
-        return pipeline.build_train_dataset(cfg.data)
+        return pipeline.build_train_dataset(cfg.data, deterministic=cfg.train.deterministic)
     if labeled.is_semisupervised(cfg.data):
         split = labeled.labeled_split(cfg.data)
         if logger is not None:
