@@ -55,6 +55,7 @@ PROBE = textwrap.dedent("""
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_local_ray_refuses_a_client_without_the_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     env["PYTHONPATH"] = str(REPO)
