@@ -1,5 +1,5 @@
 """Throughput with train.deterministic on vs off: interleaved repeats, median epoch-2 images/s."""
-import json, statistics, sys, tempfile
+import json, statistics, tempfile
 from replab.validate import load_config
 from replab.platform.train.ray_train import fit, ensure_ray
 from mlflow.tracking import MlflowClient
