@@ -5,7 +5,7 @@
     replab eval RUN_OR_CHECKPOINT --openset [...]       closed-set accuracy + AUROC known/unknown/OOD (+ fine-tune)
     replab methods                                      the registered methods, one line each
     replab data inspect SOURCE                          rows, classes, image sizes, unreadable files
-    replab data download NAME                           fetch and convert a named dataset (needs a network)
+    replab data download NAME [--archive PATH]          fetch (or take from disk) and convert a named dataset
     replab sweep CONFIG [--set ...] [--resume]          a grid (+ Optuna/ASHA per cell) of runs on Ray Tune
     replab report SWEEP [--metric M]                    scaling-law fits, compute frontier, plots of a sweep
     replab bench [--quick] [--out F] [--only S,...]     throughput of data, augmentation, step, Ray, GPU
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("download", help="download and convert a named dataset")
     q.add_argument("name")
     q.add_argument("--root", default="")
+    q.add_argument("--archive", default=None, help="convert this archive already on disk (no network)")
 
     p = sub.add_parser("sweep", help="run (or resume) the grid / search of an experiment's sweep section")
     p.add_argument("config", help="experiment YAML with a sweep section")
@@ -158,7 +159,7 @@ def cmd_data(args) -> int:
         report = catalog.inspect(args.source, root=args.root, split=args.split, sample=args.sample)
         print(json.dumps(report, indent=2, default=str))
         return 0
-    path = datasets.download(args.name, datasets.data_root(args.root))
+    path = datasets.download(args.name, datasets.data_root(args.root), archive=args.archive)
     print(f"{args.name} is ready at {path}")
     return 0
 

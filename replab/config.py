@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -82,7 +83,7 @@ class ModelConfig:
     backbone: str = "resnet18"
     """resnet18/34/50/101, vit_tiny/vit_small/vit_base (see ``replab methods --backbones``)."""
     width: float = 1.0
-    """ResNet width multiplier (0.25 .. 4)."""
+    """ResNet width multiplier (1/16 .. 4; every stage keeps at least 8 channels)."""
     cifar_stem: Literal["auto", "on", "off"] = "auto"
     """3x3 stride-1 stem without max-pool; ``auto`` turns it on at resolution <= 64."""
     patch_size: int | None = None
@@ -131,6 +132,10 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     """Cap on steps per epoch (None: all full batches)."""
     log_every: int = 20
+    deterministic: bool = True
+    """One seed, one machine, one worker: the same data order and losses run after run (Ray Data keeps the
+    block order, the trainer-side shuffle buffer is seeded per epoch; on GPU also deterministic cuDNN/cuBLAS
+    kernels). Off: blocks arrive as tasks finish (docs/BENCHMARKS.md, 'Deterministic data order', for the cost)."""
 
 
 @dataclass
@@ -234,6 +239,9 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
                 return coerce(key, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
+        finite = [e for e in errors if e.endswith("a finite number")]
+        if finite:
+            raise ConfigError(finite[0])
         raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
     if tp is bool:
         if isinstance(value, bool):
@@ -259,13 +267,18 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: {value!r} is not valid; expected a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} is not valid; expected a finite number")
+        if number is not None:
+            return number
         raise ConfigError(f"{key}: {value!r} is not valid; expected a number")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -303,13 +316,17 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set ``raw[section][key] = value`` on the plain (unvalidated) config mapping."""
-    section, _, rest = key.partition(".")
-    node = raw.setdefault(section, {})
-    if not isinstance(node, dict):
-        raise ConfigError(f"{section}: expected a mapping")
-    parts = rest.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--set {key}: the config's top level is not a mapping of sections")
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or an empty YAML section (``data:``)
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            where = ".".join(parts[:depth + 1])
+            raise ConfigError(f"--set {key}: {where} is {node!r}, not a mapping; cannot set a key under it")
     node[parts[-1]] = value
 
 
@@ -352,24 +369,96 @@ def parse(raw: dict[str, Any], source_file: str = "") -> RunConfig:
     return cfg
 
 
-def _check_ranges(cfg: RunConfig) -> None:
-    def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
-        if value is None:
-            return
-        if value < 0 or (value == 0 and not allow_zero):
-            raise ConfigError(f"{key}: {value!r} is not valid; expected a {'non-negative' if allow_zero else 'positive'} number")
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    # key: (lowest, highest, lowest excluded); None: unbounded. A None value (where the type allows it) passes.
+    "data.limit": (0, None, True),
+    "data.resolution": (8, 4096, False),
+    "data.seed": (0, None, False),
+    "data.shuffle_buffer": (0, None, False),
+    "data.decode_batch_size": (1, None, False),
+    "data.labels_per_class": (1, None, False),
+    "data.label_fraction": (0, 1, True),
+    "data.split_seed": (0, None, False),
+    "data.unlabeled_size": (1, None, False),
+    "data.ood_fraction": (0, 1, False),
+    "model.width": (1 / 16, 4, False),
+    "model.patch_size": (1, None, False),
+    "train.epochs": (0, None, True),
+    "train.batch_size": (0, None, True),
+    "train.num_workers": (0, None, False),
+    "train.cpus_per_worker": (0, None, True),
+    "train.lr": (0, None, True),
+    "train.weight_decay": (0, None, False),
+    "train.warmup_epochs": (0, None, False),
+    "train.min_lr_ratio": (0, 1, False),
+    "train.checkpoint_every": (0, None, False),
+    "train.seed": (0, None, False),
+    "train.max_failures": (-1, None, False),
+    "train.steps_per_epoch": (1, None, False),
+    "train.log_every": (1, None, False),
+    "eval.every": (0, None, False),
+    "eval.bank_limit": (1, None, False),
+    "eval.test_limit": (1, None, False),
+    "eval.knn_k": (0, None, True),
+    "eval.knn_temperature": (0, None, True),
+    "eval.linear_epochs": (1, None, False),
+    "eval.linear_lr": (0, None, True),
+    "eval.batch_size": (1, None, False),
+}
+"""The valid range of every numeric key (seeds are >= 0: numpy's generators refuse negative seeds)."""
 
-    positive("data.limit", cfg.data.limit)
-    positive("data.resolution", cfg.data.resolution)
-    positive("train.epochs", cfg.train.epochs)
-    positive("train.batch_size", cfg.train.batch_size)
-    positive("train.num_workers", cfg.train.num_workers, allow_zero=True)
-    positive("train.checkpoint_every", cfg.train.checkpoint_every, allow_zero=True)
-    positive("train.warmup_epochs", cfg.train.warmup_epochs, allow_zero=True)
-    positive("train.lr", cfg.train.lr)
-    positive("eval.every", cfg.eval.every, allow_zero=True)
-    positive("eval.knn_k", cfg.eval.knn_k)
-    positive("model.width", cfg.model.width)
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "databricks", "databricks-uc", "postgresql", "mysql",
+                    "mssql")
+
+
+def check_range(key: str, value: Any, lo: float | None, hi: float | None, lo_open: bool = False) -> None:
+    """Raise a one-line :class:`ConfigError` unless ``lo <= value <= hi`` (``lo < value`` when ``lo_open``)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    below = lo is not None and (value <= lo if lo_open else value < lo)
+    if below or (hi is not None and value > hi):
+        if lo is not None and hi is not None:
+            want = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        elif lo == 0:
+            want = "a positive number" if lo_open else "a non-negative number"
+        else:
+            want = f"a number {'>' if lo_open else '>='} {lo:g}"
+        raise ConfigError(f"{key}: {value!r} is not valid; expected {want}")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """An MLflow store: empty (the default), a path, ``sqlite:///``, ``http(s)://``, ``file:``, ``databricks``
+    or a database URI; anything else (``htp://x``, ``sqlite://db``) is refused here, not deep inside MLflow."""
+    if not uri:
+        return
+    if not uri.strip() or uri != uri.strip():
+        raise ConfigError(f"tracking.uri: {uri!r} is not valid; it has leading or trailing spaces")
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    if not scheme or len(scheme) == 1 or "/" in scheme or "\\" in scheme:  # a path (C:\... on Windows)
+        return
+    ok = scheme in TRACKING_SCHEMES or scheme.split("+", 1)[0] in ("postgresql", "mysql", "mssql")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        ok = False
+    if scheme in ("http", "https") and not uri.startswith(f"{scheme}://"):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"tracking.uri: {uri!r} is not valid; use a path, sqlite:///FILE.db, http(s)://HOST:PORT, file:PATH "
+            "or databricks"
+        )
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, (lo, hi, lo_open) in RANGES.items():
+        section, name = key.split(".")
+        check_range(key, getattr(getattr(cfg, section), name), lo, hi, lo_open)
+    for i, cls in enumerate(cfg.data.known_classes or []):
+        check_range(f"data.known_classes[{i}]", cls, 0, None)
+    if not cfg.train.storage_path.strip():
+        raise ConfigError("train.storage_path: '' is not valid; expected a folder or a URI (default: runs)")
+    if not cfg.tracking.experiment.strip():
+        raise ConfigError("tracking.experiment: '' is not valid; expected an experiment name (default: replab)")
+    check_tracking_uri(cfg.tracking.uri)
     if cfg.model.init is not None and (not isinstance(cfg.model.init, str) or not cfg.model.init.strip()):
         raise ConfigError(f"model.init: {cfg.model.init!r} is not valid; expected an MLflow run id or name, a run "
                           "or checkpoint folder, or an encoder file (.safetensors / .pt)")
@@ -395,6 +484,8 @@ def read_raw(path: str | os.PathLike | None, overrides: list[str] | tuple[str, .
         except yaml.YAMLError as exc:
             line = str(exc).replace("\n", " ")
             raise ConfigError(f"{path}: not valid YAML ({line})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, not {type(raw).__name__}")
         source = str(p.resolve())
     for item in overrides:
         key, value = parse_override(item)

@@ -26,8 +26,46 @@ def check(cfg: RunConfig) -> RunConfig:
         raise ConfigError(
             f"model.backbone: {cfg.model.backbone!r} is not valid; choose one of: {', '.join(backbones.BACKBONES)}"
         )
+    problem = backbones.input_problem(cfg.model.backbone, cfg.data.resolution, cfg.model.patch_size)
+    if problem:
+        raise ConfigError(problem)
     validate_semisup(cfg.data)
     return cfg
+
+
+WORKER_MEMORY_GIB = 1.0
+"""A floor on one train worker's resident memory (a Ray worker process with torch loaded, before data)."""
+
+
+def check_fits_machine(cfg: RunConfig, cpus: int | None = None, available_gib: float | None = None,
+                       gpus: int | None = None) -> None:
+    """Refuse, in one line, a local run (no cluster address) that this machine cannot hold: more train workers
+    than cores, ``num_workers x cpus_per_worker`` above the cores, more GPU workers than GPUs, or
+    ``num_workers x WORKER_MEMORY_GIB`` above the available memory. Joining a cluster skips the check (Ray
+    schedules there). ``cpus`` / ``available_gib`` / ``gpus``: this machine's (tests pass their own)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    workers = max(cfg.train.num_workers, 1)
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    asked = workers * cfg.train.cpus_per_worker
+    hint = "; lower train.num_workers / train.cpus_per_worker, or set RAY_ADDRESS to use a cluster"
+    if workers > cpus or asked > cpus:
+        raise ConfigError(f"train.num_workers: {workers} workers x {cfg.train.cpus_per_worker:g} CPUs "
+                          f"= {asked:g} CPUs do not fit this machine's {cpus} cores{hint}")
+    if cfg.train.use_gpu:
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        if workers > gpus:
+            raise ConfigError(f"train.num_workers: {workers} GPU workers but this machine has {gpus} GPUs{hint}")
+    if available_gib is None:
+        import psutil
+
+        available_gib = psutil.virtual_memory().available / 2**30
+    if workers * WORKER_MEMORY_GIB > available_gib:
+        raise ConfigError(f"train.num_workers: {workers} workers need about {workers * WORKER_MEMORY_GIB:g} GiB "
+                          f"but {available_gib:.1f} GiB is available{hint}")
 
 
 def from_dict(raw: dict[str, Any], source_file: str = "") -> RunConfig:

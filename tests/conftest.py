@@ -37,3 +37,10 @@ def ray_session(tmp_path_factory):
         DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts (or joins) Ray is also ``slow``: ``-m "not slow"`` is the fast subset."""
+    for item in items:
+        if item.get_closest_marker("ray") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -231,4 +231,4 @@ def test_html_report_is_self_contained(fake_store, tmp_path):
     assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
     fetched = re.findall(r"""\b(?:src|href)\s*=\s*["']([^"']*)""", page)
     assert all(not re.match(r"[a-z][a-z0-9+.-]*:|//", u) for u in fetched), fetched  # relative links to runs only
-    assert f"/#/experiments/" in page and "<title>" in page  # hover text and run links
+    assert "/#/experiments/" in page and "<title>" in page  # hover text and run links

@@ -166,11 +166,41 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+_POSITIVE_INTS = ("_dim", "_layers", "_depth", "_heads", "_iterations", "_size", "_views", "_per_class")
+_UNIT_FLOATS = ("_fraction", "momentum", "_p", "tau_base", "mask_ratio", "smoothing")
+
+
+def param_range(field_: dataclasses.Field) -> tuple[float | None, float | None, bool] | None:
+    """The valid ``(lowest, highest, lowest excluded)`` of a ``Params`` field, or None for no range.
+
+    A field's ``metadata={"range": (lo, hi, lo_open)}`` wins; otherwise the name decides, so a new method gets
+    ranges without declaring them: temperatures (``*temp*``, ``tau``, ``*_tau``, ``epsilon``, ``*sigma*``) are
+    > 0 (a softmax over logits / 0 is inf, then NaN); fractions, probabilities, momenta, ``tau_base``,
+    ``mask_ratio``, ``crop_*`` scales and label smoothing lie in [0, 1]; weights and margins are >= 0;
+    dims, layers, heads, sizes, ``num_*`` are >= 1 when their default is, every other integer >= 0 (a count of
+    local crops may be 0).
+    """
+    if "range" in field_.metadata:
+        return tuple(field_.metadata["range"])
+    name, default = field_.name, field_.default
+    if name.endswith(_UNIT_FLOATS) or name.startswith("crop_"):
+        return (0, 1, name.startswith("crop_"))
+    if "temp" in name or name in ("tau", "epsilon") or name.endswith("_tau") or "sigma" in name:
+        return (0, None, True)
+    if name.endswith(("_weight", "margin")) or "lambda" in name:
+        return (0, None, False)
+    if isinstance(default, int) and not isinstance(default, bool):
+        positive = default > 0 and (name.endswith(_POSITIVE_INTS) or name.startswith("num_"))
+        return (1 if positive else 0, None, False)
+    return None
+
+
 def params_from_dict(cls: type, values: dict[str, Any], method: str) -> Any:
-    """Validate ``values`` against the dataclass ``cls`` (the method's ``Params``)."""
+    """Validate ``values`` against the dataclass ``cls`` (the method's ``Params``): types, then
+    :func:`param_range`."""
     import typing
 
-    from replab.config import ConfigError, coerce
+    from replab.config import ConfigError, check_range, coerce
 
     if not dataclasses.is_dataclass(cls):
         if values:
@@ -178,9 +208,13 @@ def params_from_dict(cls: type, values: dict[str, Any], method: str) -> Any:
             raise ConfigError(f"method.{key}: unknown key; method {method!r} takes no parameters")
         return cls()
     hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"method.{key}: unknown key for method {method!r}; valid keys: name, {', '.join(hints)}")
         kwargs[key] = coerce(f"method.{key}", value, hints[key])
+        bounds = param_range(fields[key])
+        if bounds is not None:
+            check_range(f"method.{key}", kwargs[key], *bounds)
     return cls(**kwargs)

@@ -146,6 +146,20 @@ def default_patch_size(resolution: int) -> int:
     return 16
 
 
+def input_problem(name: str, resolution: int, patch_size: int | None = None) -> str | None:
+    """Why backbone ``name`` cannot take ``resolution`` px images (one line naming the key), or None.
+
+    ResNets take any side >= 8 (the stride-32 stem pools to 1x1); a ViT needs a patch no larger than the
+    image and dividing it (``model.patch_size``, default :func:`default_patch_size`).
+    """
+    if name in VITS:
+        patch = patch_size or default_patch_size(resolution)
+        if patch > resolution or resolution % patch:
+            return (f"data.resolution: {resolution} is not valid for {name}; it must be a multiple of "
+                    f"model.patch_size={patch} (e.g. {max(patch, resolution // patch * patch)})")
+    return None
+
+
 def build_backbone(
     name: str,
     resolution: int,

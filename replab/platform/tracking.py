@@ -84,6 +84,20 @@ def find_run(uri: str, experiment: str, run_name: str) -> Any | None:
     return runs[0] if runs else None
 
 
+def find_run_anywhere(uri: str, run_name: str) -> list[Any]:
+    """The newest run tagged with this replab run name in each experiment that has one (newest first)."""
+    c = client(uri)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    if not ids:
+        return []
+    runs = c.search_runs(ids, filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
+                         order_by=["attributes.start_time DESC"], max_results=1000)
+    newest: dict[str, Any] = {}
+    for run in runs:
+        newest.setdefault(run.info.experiment_id, run)
+    return list(newest.values())
+
+
 def open_run(
     uri: str,
     experiment: str,

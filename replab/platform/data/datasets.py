@@ -142,7 +142,7 @@ def how_to_fix(name: str) -> str:
     return (
         f"set the data root with --set data.root=/path/to/datasets or the environment variable {ENV_ROOT} "
         f"(it must contain {name}/), or download it with --set data.download=true "
-        f"(or `replab data download {name}`; needs a network)"
+        f"(or `replab data download {name}`: needs a network, or `--archive PATH` for an archive already on disk)"
     )
 
 
@@ -201,11 +201,13 @@ def download(
     md5: str | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    archive: str | None = None,
 ) -> str:
     """Download and convert the named dataset into ``{root}/{name}``; returns that folder.
 
     ``url``/``md5`` override the registry (mirrors; tests use ``file://`` URLs). The archive is kept under
-    ``{root}/_downloads`` so a failed conversion does not download again.
+    ``{root}/_downloads`` so a failed conversion does not download again. ``archive``: the dataset's archive
+    already on disk (fetched elsewhere); it is checked against the registry's md5 and converted, no network.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = named(name)
@@ -218,8 +220,20 @@ def download(
         return target
     url = url or spec.url
     md5 = spec.md5 if md5 is None else (md5 or None)
-    archive = os.path.join(base, "_downloads", os.path.basename(url.split("?")[0]))
-    fetch(url, archive, md5, log=log)
+    if archive is not None:
+        archive = os.path.abspath(os.path.expanduser(archive))
+        if not os.path.isfile(archive):
+            raise DataError(f"--archive {archive}: no such file (expected the archive of {url})")
+        if md5 is not None and _md5(archive) != md5:
+            raise DataError(f"--archive {archive}: md5 {_md5(archive)} is not the expected {md5} of {url}")
+    else:
+        archive = os.path.join(base, "_downloads", os.path.basename(url.split("?")[0]))
+        try:
+            fetch(url, archive, md5, log=log)
+        except DataError as exc:
+            raise DataError(f"{exc}; offline? set {ENV_ROOT} (or --set data.root=...) to a folder holding "
+                            f"{name}/, or fetch {url} elsewhere and run "
+                            f"`replab data download {name} --archive PATH`") from None
     log(f"converting {archive} -> {target}")
     os.makedirs(base, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=base)

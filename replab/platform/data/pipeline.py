@@ -170,12 +170,25 @@ def epoch_stream(ds, *, cached: bool, seed: int, shuffle_buffer: int) -> tuple[A
     return ds, (int(shuffle_buffer) if shuffle_buffer and shuffle_buffer > 0 else None)
 
 
-def build_train_dataset(cfg, *, window_bytes: int | None = None) -> TrainData:
+def ingest_options(deterministic: bool):
+    """Ray Train's ingest ``ExecutionOptions``: Ray's defaults, with ``preserve_order`` when ``deterministic``
+    (without it, blocks reach the trainer in task-completion order, which changes from run to run)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = bool(deterministic) or options.preserve_order
+    return options
+
+
+def build_train_dataset(cfg, *, window_bytes: int | None = None, deterministic: bool = False) -> TrainData:
     """The training ``ray.data.Dataset`` for ``cfg`` (a :class:`replab.config.DataConfig`).
 
     Streams by default; caches decoded images in the object store when ``cfg.cache`` is ``on``, or
     ``auto`` and they take less than a quarter of it. See the module docstring for shuffling and skips.
-    Raises :class:`DataError` (before any Ray work) when the data cannot be found. Typical use::
+    ``deterministic``: the blocks keep their planned order through repartition, decode and the cache
+    (``preserve_order``), so one seed gives one row order (the ingest side: ``DataConfig(execution_options=
+    ingest_options(True))``). Raises :class:`DataError` (before any Ray work) when the data cannot be found.
+    Typical use::
 
         td = build_train_dataset(cfg.data)
         TorchTrainer(..., datasets={"train": td.dataset},
@@ -198,6 +211,8 @@ def build_train_dataset(cfg, *, window_bytes: int | None = None) -> TrainData:
         datasource_class()(plan, cfg.seed, window_bytes or WINDOW_BYTES),
         override_num_blocks=max(1, len(plan.pieces)),
     )
+    if deterministic:
+        ds.context.execution_options.preserve_order = True
     ds = ds.repartition(target_num_rows_per_block=max(1, int(cfg.decode_batch_size)))
     ds = ds.map_batches(
         decode_udf,

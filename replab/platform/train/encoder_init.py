@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def checkpoint_for(target: str, cfg: RunConfig) -> tuple[str, str | None]:
     try:
         run = client.get_run(target)
     except Exception:
-        run = tracking.find_run(uri, cfg.tracking.experiment, target)
+        run = run_by_name(uri, cfg.tracking.experiment, target)
     if run is None:
         raise ConfigError(f"{target}: not a checkpoint folder, a run folder, an MLflow run id or a run name in {uri}")
     storage = run.data.params.get("train.storage_path", "")
@@ -49,6 +50,21 @@ def checkpoint_for(target: str, cfg: RunConfig) -> tuple[str, str | None]:
     if not found:
         raise ConfigError(f"{target}: run {run.info.run_id} has no checkpoint under {storage}/{name}")
     return checkpoints.fetch(found), run.info.run_id
+
+
+def run_by_name(uri: str, experiment: str, name: str) -> Any | None:
+    """The run called ``name`` in ``experiment``, else in whichever single experiment has one; two or more
+    experiments with that name is a one-line error listing them (choose with --set tracking.experiment=...)."""
+    run = tracking.find_run(uri, experiment, name)
+    if run is not None:
+        return run
+    found = tracking.find_run_anywhere(uri, name)
+    if len(found) > 1:
+        client = tracking.client(uri)
+        names = sorted(client.get_experiment(r.info.experiment_id).name for r in found)
+        raise ConfigError(f"{name}: a run of this name is in {len(found)} experiments ({', '.join(names)}); "
+                          "choose one with --set tracking.experiment=NAME or pass the MLflow run id")
+    return found[0] if found else None
 
 
 @dataclass

@@ -270,7 +270,14 @@ def build_worker(cfg: RunConfig, env: WorkerEnv, num_rows: int, logger: Any = No
     """The seeded :class:`Worker` of ``cfg`` in ``env``, restored from the env's latest checkpoint when there is
     one; returns it with the (epoch, step) to start from."""
     device = env.device
-    if device.type == "cuda":
+    if device.type == "cuda" and cfg.train.deterministic:
+        # cuDNN's autotuner and atomics-based kernels change the sums from run to run; cuBLAS needs a fixed
+        # workspace to be reproducible (set before its first use in this process).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # input shapes are fixed per view: time the conv algorithms once
     torch.manual_seed(cfg.train.seed)
     resume_dir = env.latest_checkpoint()

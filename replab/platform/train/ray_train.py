@@ -25,7 +25,7 @@ from replab.platform.probes.frozen import EvalData
 from replab.platform.train import encoder_init
 from replab.platform.train.checkpoints import load_checkpoint
 from replab.platform.train.loop import WorkerEnv, train_worker
-from replab.validate import from_dict
+from replab.validate import check_fits_machine, from_dict
 
 
 @dataclass
@@ -63,17 +63,28 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     return replace(cfg, data=data, model=model, train=replace(cfg.train, storage_path=storage), tracking=tracking_cfg)
 
 
+NAME_EXCLUDED = {
+    "data.root": "where the named datasets live, not which data (the dataset and split are in the hash)",
+    "data.download": "whether a missing dataset may be fetched; the data trained on is the same",
+    "train.storage_path": "where checkpoints go",
+    "train.name": "an explicit name replaces the derived one",
+    "train.max_failures": "how often Ray restarts failed workers; a restart resumes the same run",
+    "train.log_every": "how often train/loss is logged; the steps taken are the same",
+    "tracking.uri": "where the run is logged",
+    "tracking.experiment": "where the run is logged",
+    "tracking.enabled": "whether the run is logged",
+}
+"""Keys left out of the run-name hash, and why: none of them changes what is trained or measured. Every other
+key of data, model, method, train and eval is in the hash (eval: it changes what the run reports)."""
+
+
 def run_name(cfg: RunConfig) -> str:
-    """``train.name`` or ``<method>-<backbone>-<dataset>-<hash of what defines the run>``."""
+    """``train.name`` or ``<method>-<backbone>-<dataset>-<sha1 of every key but NAME_EXCLUDED>``."""
     if cfg.train.name:
         return cfg.train.name
     d = cfg.to_dict()
-    defining = {
-        "data": {k: v for k, v in d["data"].items() if k not in ("root",)},
-        "model": d["model"],
-        "method": d["method"],
-        "train": {k: v for k, v in d["train"].items() if k not in ("storage_path", "name", "max_failures", "log_every")},
-    }
+    defining = {section: {k: v for k, v in d[section].items() if f"{section}.{k}" not in NAME_EXCLUDED}
+                for section in ("data", "model", "method", "train", "eval")}
     digest = hashlib.sha1(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:8]
     dataset = Path(cfg.data.dataset.rstrip("/")).name or "data"
     return f"{cfg.method.name}-{cfg.model.backbone}-{dataset}-{digest}"
@@ -96,7 +107,7 @@ def load_eval_data(cfg: RunConfig) -> EvalData | None:
 class RayEnv(WorkerEnv):
     """The loop's runtime inside a Ray Train worker."""
 
-    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None):
+    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None, shuffle_seed: int | None = None):
         import ray.train
         import ray.train.torch
 
@@ -107,12 +118,16 @@ class RayEnv(WorkerEnv):
         self.shard = ray.train.get_dataset_shard("train")
         self.shuffle_buffer = shuffle_buffer
         self.skip_counter = skip_counter
+        self.shuffle_seed = shuffle_seed
+        """Seed of the local shuffle buffer (None: unseeded); each epoch and worker draws from its own."""
 
     def batches(self, epoch, batch_size):
+        seed = None if self.shuffle_seed is None else (self.shuffle_seed * 1_000_003 + epoch * 1009 + self.rank)
         yield from self.shard.iter_torch_batches(
             # Ray 2.60 yields short batches mid-epoch when the buffer is under two batches: keep it above.
             batch_size=batch_size, drop_last=True,
             local_shuffle_buffer_size=max(self.shuffle_buffer, 2 * batch_size) if self.shuffle_buffer else None,
+            local_shuffle_seed=seed if self.shuffle_buffer else None,
             prefetch_batches=2, pin_memory=self.device.type == "cuda",
         )
 
@@ -137,7 +152,8 @@ class RayEnv(WorkerEnv):
 def ray_train_fn(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     cfg = from_dict(loop_config["config"])
-    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"))
+    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"),
+                 cfg.train.seed if cfg.train.deterministic else None)
     logger = None
     if env.rank == 0 and loop_config.get("run_id"):
         logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
@@ -149,9 +165,11 @@ def ensure_ray(train_cpus: float = 0.0, quiet: bool = False) -> None:
 
     A local instance gets the machine's cores *plus* the train workers' CPU requests as logical CPUs, so
     Ray Data's decode tasks always have CPUs to run on (with only the cores, two train workers on a 2-core
-    laptop would hold every CPU and the input pipeline would never be scheduled). ``quiet``: Ray's own
-    logging from errors up, and the workers' output not forwarded to this terminal (``replab sweep`` prints
-    one line per trial; a trial's error reaches it through Tune).
+    laptop would hold every CPU and the input pipeline would never be scheduled). It binds loopback wherever
+    Ray 2.60 allows it (:func:`local_ray_kwargs`) and keeps token authentication on: its gRPC servers listen on
+    every interface whatever the node address, so the token is what keeps other hosts out (README, "What a
+    local run exposes"). ``quiet``: Ray's own logging from errors up, and the workers' output not forwarded to
+    this terminal (``replab sweep`` prints one line per trial; a trial's error reaches it through Tune).
     """
     import ray
 
@@ -161,13 +179,38 @@ def ensure_ray(train_cpus: float = 0.0, quiet: bool = False) -> None:
     kwargs: dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING,
                                   log_to_driver=not quiet, configure_logging=True)
     if not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = int((os.cpu_count() or 1) + max(1, round(train_cpus)))
-        # Library deprecation notices from inside Ray's own actors are not the user's to act on.
-        kwargs["runtime_env"] = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+        kwargs.update(local_ray_kwargs(train_cpus))
     ray.init(**kwargs)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def local_ray_kwargs(train_cpus: float = 0.0) -> dict[str, Any]:
+    """``ray.init`` arguments of a local instance: CPUs, the dashboard on 127.0.0.1, and the node address on
+    loopback; refuses ``RAY_AUTH_MODE=disabled`` (one line) since Ray's servers listen on every interface.
+
+    Ray 2.60 rewrites a ``_node_ip_address`` of 127.0.0.1 to the routable address unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off (``services.resolve_ip_for_localhost``); turning it off for this
+    process (and, through the environment, Ray's own) keeps the node address, the GCS address and the
+    addresses workers and agents advertise on loopback. The gRPC servers still bind ``*``.
+    """
+    from ray._private import ray_constants
+
+    from replab.config import ConfigError
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        raise ConfigError("RAY_AUTH_MODE=disabled: a local run keeps Ray's token authentication on (Ray's servers "
+                          "listen on every interface); unset RAY_AUTH_MODE")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time by services.get_node_ip_address
+    return {
+        "num_cpus": int((os.cpu_count() or 1) + max(1, round(train_cpus))),
+        "dashboard_host": "127.0.0.1",
+        "_node_ip_address": "127.0.0.1",
+        # Library deprecation notices from inside Ray's own actors are not the user's to act on.
+        "runtime_env": {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}},
+    }
 
 
 def check_tracking_reachable(uri: str) -> None:
@@ -187,6 +230,10 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    import ray
+
+    if not ray.is_initialized():
+        check_fits_machine(cfg)  # a local instance: refuse what the machine cannot hold, before Ray starts
     cfg = resolve_paths(cfg)
     sources.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
     init_source = encoder_init.resolve(cfg)  # a model.init that cannot be found fails here, before Ray work
@@ -200,6 +247,7 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
                 **({encoder_init.INIT_TAG: init_source.lineage} if init_source else {}), **(extra_tags or {})}
         run_id, resumed = tracking.open_run(uri, cfg.tracking.experiment, name, cfg.flat(), tags, parent_run_id)
         logger = tracking.RunLogger(uri, run_id)
+        logger.tag("replab.seed", seed_note(cfg))
         if not resumed:
             logger.dict(cfg.to_dict(), "config.yaml")
             if cfg.source_file:
@@ -228,6 +276,8 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": train_data.dataset},
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=pipeline.ingest_options(cfg.train.deterministic)),
     )
     try:
         result = trainer.fit()
@@ -244,13 +294,29 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
     return FitResult(name, run_id, uri, metrics, checkpoint_path)
 
 
+def seed_note(cfg: RunConfig) -> str:
+    """What the seeds fix, as logged on the run (tag ``replab.seed``)."""
+    note = (f"train.seed={cfg.train.seed} fixes the initialisation and the augmentation stream; "
+            f"data.seed={cfg.data.seed} the subset (data.limit) and the read order")
+    if cfg.train.deterministic:
+        note += ("; train.deterministic=true: Ray Data keeps the block order and the shuffle buffer is seeded, "
+                 "so one worker on one machine repeats the same losses")
+        if cfg.train.num_workers > 1:
+            note += " (with several workers the split of blocks between them may still vary)"
+        if cfg.train.use_gpu:
+            note += "; GPU: deterministic cuDNN/cuBLAS kernels"
+    else:
+        note += "; train.deterministic=false: the data order varies from run to run"
+    return note
+
+
 def build_train_data(cfg: RunConfig, logger: tracking.RunLogger | None = None) -> pipeline.TrainData:
     """The training stream: the dataset itself, or (semi-supervised / open-set) the mixed unlabeled pool,
     whose images reach the trainers with label -1; the labeled split file is written first, on the driver."""
     from replab.platform.data import labeled, pool
 
     if not labeled.uses_unlabeled_pool(cfg.data):
-        return pipeline.build_train_dataset(cfg.data)
+        return pipeline.build_train_dataset(cfg.data, deterministic=cfg.train.deterministic)
     if labeled.is_semisupervised(cfg.data):
         split = labeled.labeled_split(cfg.data)
         if logger is not None:

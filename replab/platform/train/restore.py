@@ -16,7 +16,6 @@ from replab.platform.train.encoder_init import checkpoint_for
 from replab.platform.train.loop import build_method
 from replab.validate import from_dict
 
-
 _checkpoint_for = checkpoint_for  # the resolution shared with model.init (encoder_init)
 
 
