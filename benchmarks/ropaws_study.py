@@ -14,7 +14,7 @@ Reported per run (``replab eval --openset`` on the final checkpoint): closed-set
 nearest-neighbour classifier on the known test classes (``openset/snn_top1``), AUROC known vs unknown
 CIFAR-10 test images (``openset/auroc``) and vs Tiny-ImageNet val (``openset/ood_auroc``); and the mechanism
 check ``pin_auroc``: RoPAWS's in-domain prior x propagation p_in of every pool image (the formula of
-``replab.methods.losses.ropaws_targets``, labeled set as supports, chunks of one batch) scored by AUROC of
+``replab.methods.paws_losses.ropaws_targets``, labeled set as supports, chunks of one batch) scored by AUROC of
 in-class over out-of-class pool images, at the start (the SimCLR encoder, new heads) and after every epoch
 (from the per-epoch checkpoints): does the ranking improve during training? The table gives mean ± std over
 seeds; ``--plot`` draws accuracy and AUROC against the out-of-class share with error bars.
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from replab.methods import losses
+from replab.methods import paws_losses
 from replab.platform.data import labeled as labeled_lib
 from replab.platform.data import pool as pool_lib
 from replab.platform.evaluate.target import evaluate_openset_target
@@ -96,13 +96,13 @@ def pin_auroc(method, cfg, pool, lab_images, lab_labels, device) -> float:
     net = torch.nn.Sequential(method.backbone, method.projector).to(device)
     z_pool = extract_features(net, pool.images, cfg.data.resolution, device)
     z_lab = extract_features(net, lab_images, cfg.data.resolution, device)
-    y = losses.support_label_matrix(torch.as_tensor(lab_labels), p.label_smoothing)
+    y = paws_losses.support_label_matrix(torch.as_tensor(lab_labels), p.label_smoothing)
     per_class = max(1, len(lab_labels) // y.shape[1])
     scores = []
     for start in range(0, len(z_pool), cfg.train.batch_size):
         chunk = z_pool[start:start + cfg.train.batch_size]
         r = getattr(p, "label_ratio", 5.0) * len(chunk) / per_class
-        _, p_in = losses.ropaws_targets(chunk, z_lab, y, p.tau, getattr(p, "prior_tau", 0.1), r)
+        _, p_in = paws_losses.ropaws_targets(chunk, z_lab, y, p.tau, getattr(p, "prior_tau", 0.1), r)
         scores.append(p_in)
     s = torch.cat(scores).numpy()
     return auroc(s[pool.in_class], s[~pool.in_class])

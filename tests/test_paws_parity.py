@@ -8,7 +8,7 @@ unlabeled images per GPU, the two target views swapped before the call, labels =
 once per supervised view. Changes to the transcription: dtype arguments on ``torch.ones`` / ``torch.eye`` (so
 that it runs in float64), and it also returns its targets and p_in. The label matrix is built for K classes
 (``make_labels_matrix`` at world_size 1): on W > 1 GPUs with ``unique_classes_per_rank: false`` the official
-one has K (W - 1) extra columns of pure smoothing mass, which replab does not reproduce (losses.paws says so).
+one has K (W - 1) extra columns of pure smoothing mass, which replab does not reproduce (paws_losses.paws says so).
 
 Checked in float64 to 1e-6: targets, p_in, the loss value (replab's me-max is the reference's + log K, and
 its value is the mean over workers) and the gradients of the anchors and anchor supports, on one process and
@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from replab.methods import distributed, losses
+from replab.methods import distributed, paws_losses
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 K, S_PER_CLASS, S_VIEWS, N, MULTICROP, D = 3, 4, 2, 8, 2, 16
@@ -210,10 +210,10 @@ def _replab(local, case):
     labels = local["labels"].repeat(S_VIEWS)
     opts = dict(tau=0.1, sharpen_temperature=0.25, label_smoothing=0.1, me_max=True,
                 support_images_per_class=s_per_class, **{k: v for k, v in case.items()})
-    loss, metrics = losses.paws(anchors, supports, local["views"][:2], supports.detach(), labels, **opts)
+    loss, metrics = paws_losses.paws(anchors, supports, local["views"][:2], supports.detach(), labels, **opts)
     loss.backward()
-    y = losses.support_label_matrix(distributed.gather(labels), 0.1, dtype=torch.float64)
-    targets, p_in = losses.paws_targets(local["views"][:2], supports.detach(), y, 2 + MULTICROP, 0.1, 0.25,
+    y = paws_losses.support_label_matrix(distributed.gather(labels), 0.1, dtype=torch.float64)
+    targets, p_in = paws_losses.paws_targets(local["views"][:2], supports.detach(), y, 2 + MULTICROP, 0.1, 0.25,
                                         case["ropaws"], case.get("prior_tau", 0.1), case.get("label_ratio", 5.0),
                                         s_per_class)
     return {"loss": loss.detach() - math.log(K), "targets": targets, "p_in": p_in, "metrics": metrics,
@@ -249,14 +249,14 @@ def test_labeled_weight_is_per_class_not_per_support_row():
     data = _inputs()
     case = CASES["ropaws"]
     ours = _replab(data, case)
-    y = losses.support_label_matrix(data["labels"].repeat(S_VIEWS), 0.1, dtype=torch.float64)
+    y = paws_losses.support_label_matrix(data["labels"].repeat(S_VIEWS), 0.1, dtype=torch.float64)
     sup = torch.cat(data["supports"])
-    _, p_in_old = losses.ropaws_targets(data["views"][1], sup, y, 0.1, 0.1, 5.0 * N / len(sup))
-    _, p_in_new = losses.ropaws_targets(data["views"][1], sup, y, 0.1, 0.1, 5.0 * N / S_PER_CLASS)
+    _, p_in_old = paws_losses.ropaws_targets(data["views"][1], sup, y, 0.1, 0.1, 5.0 * N / len(sup))
+    _, p_in_new = paws_losses.ropaws_targets(data["views"][1], sup, y, 0.1, 0.1, 5.0 * N / S_PER_CLASS)
     assert not torch.allclose(p_in_old, p_in_new, atol=1e-3)
     assert ours["p_in"].shape == (N,)
     with pytest.raises(ValueError, match="support_images_per_class"):
-        losses.paws(torch.cat(data["views"]), sup, data["views"][:2], sup, data["labels"].repeat(S_VIEWS),
+        paws_losses.paws(torch.cat(data["views"]), sup, data["views"][:2], sup, data["labels"].repeat(S_VIEWS),
                     ropaws=True)
 
 

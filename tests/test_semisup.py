@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from replab.config import ConfigError
-from replab.methods import losses
+from replab.methods import paws_losses
 from replab.platform.data import labeled as labeled_lib
 from replab.platform.data import pool as pool_lib
 from replab.platform.data import support as support_lib
@@ -33,24 +33,24 @@ def test_snn_and_sharpen_match_direct_formulas():
     g = torch.Generator().manual_seed(0)
     q, s = torch.randn(5, 8, generator=g), torch.randn(12, 8, generator=g)
     labels = torch.arange(3).repeat(4)
-    y = losses.support_label_matrix(labels, smoothing=0.1)
+    y = paws_losses.support_label_matrix(labels, smoothing=0.1)
     assert torch.allclose(y.sum(1), torch.ones(12))
     assert y[0, 0] == pytest.approx(0.9 + 0.1 / 3) and y[0, 1] == pytest.approx(0.1 / 3)
-    probs = losses.snn(q, s, y, tau=0.1)
+    probs = paws_losses.snn(q, s, y, tau=0.1)
     for i in range(5):
         w = torch.tensor([math.exp(F.cosine_similarity(q[i], s[j], dim=0).item() / 0.1) for j in range(12)])
         expected = (w[:, None] * y).sum(0) / w.sum()
         assert torch.allclose(probs[i], expected, atol=1e-5)
     p = torch.softmax(torch.randn(4, 6, generator=g), dim=1)
     direct = p ** 4 / (p ** 4).sum(1, keepdim=True)
-    assert torch.allclose(losses.sharpen(p, 0.25), direct, atol=1e-6)
+    assert torch.allclose(paws_losses.sharpen(p, 0.25), direct, atol=1e-6)
     # remapping: labels need not be 0..K-1
     remapped = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    assert torch.equal(losses.support_label_matrix(torch.tensor([7, 2, 7])), remapped)
+    assert torch.equal(paws_losses.support_label_matrix(torch.tensor([7, 2, 7])), remapped)
 
 
 def _kernel_blocks(q, s, tau, prior_tau, r):
-    """C_L, C_U written out from the definition (independently of losses.ropaws_propagate)."""
+    """C_L, C_U written out from the definition (independently of paws_losses.ropaws_propagate)."""
     q, s = _unit(q).double(), _unit(s).double()
     m = len(q)
     kl = r * torch.exp(q @ s.T / tau)
@@ -63,8 +63,8 @@ def _kernel_blocks(q, s, tau, prior_tau, r):
 def test_label_propagation_equals_iterative_fixed_point():
     g = torch.Generator().manual_seed(1)
     q, s = torch.randn(20, 6, generator=g), torch.randn(9, 6, generator=g)
-    y = losses.support_label_matrix(torch.arange(3).repeat(3), 0.1)
-    p, p_in = losses.ropaws_propagate(q, s, y, tau=0.5, prior_tau=0.5, labeled_weight=5.0 * 20 / 3)
+    y = paws_losses.support_label_matrix(torch.arange(3).repeat(3), 0.1)
+    p, p_in = paws_losses.ropaws_propagate(q, s, y, tau=0.5, prior_tau=0.5, labeled_weight=5.0 * 20 / 3)
     c_l, c_u, _ = _kernel_blocks(q, s, 0.5, 0.5, 5.0 * 20 / 3)
     it = torch.zeros(20, 3, dtype=torch.float64)
     for _ in range(2000):
@@ -78,33 +78,33 @@ def test_ropaws_targets_on_a_toy_embedding():
     e = torch.eye(4)
     supports = torch.stack([e[0], e[0] + 0.05 * e[3], e[1], e[1] + 0.05 * e[3]])  # class 0 at e0, class 1 at e1
     labels = torch.tensor([0, 0, 1, 1])
-    y = losses.support_label_matrix(labels)
+    y = paws_losses.support_label_matrix(labels)
     near = e[0] + 0.02 * e[1]  # next to a labeled image of class 0
     far = e[2]  # orthogonal to every labeled image
     between = e[0] + e[1]  # equally close to both classes
     queries = torch.stack([near, far, between])
-    targets, p_in = losses.ropaws_targets(queries, supports, y, tau=0.1, prior_tau=0.1, labeled_weight=5.0 * 3 / 2)
+    targets, p_in = paws_losses.ropaws_targets(queries, supports, y, tau=0.1, prior_tau=0.1, labeled_weight=5.0 * 3 / 2)
     assert torch.allclose(targets.sum(1), torch.ones(3), atol=1e-5)
     assert targets[0, 0] > 0.95 and p_in[0] > 0.9  # inherits its neighbour's label, in-class
     assert torch.allclose(targets[1], torch.full((2,), 0.5), atol=1e-3) and p_in[1] < 1e-3  # uniform, out-of-class
     assert abs(targets[2, 0].item() - 0.5) < 0.02  # equidistant: undecided (up to its unlabeled neighbours)
     # through the loss: the far image gets a near-zero weight, its targets stay uniform after sharpening
-    sharp = losses.sharpen(targets, 0.25)
+    sharp = paws_losses.sharpen(targets, 0.25)
     assert torch.allclose(sharp[1], torch.full((2,), 0.5), atol=1e-3) and sharp[0, 0] > 0.99
 
 
 def _reference_paws(anchors, supports, targets, support_labels, tau, T, smoothing, weight=None):
     """PAWS's loss written the way the reference code computes it (single worker)."""
-    y = losses.support_label_matrix(support_labels, smoothing)
+    y = paws_losses.support_label_matrix(support_labels, smoothing)
     n = targets[0].shape[0]
     probs = torch.softmax(_unit(anchors) @ _unit(supports).T / tau, 1) @ y
-    t = [losses.sharpen(torch.softmax(_unit(v) @ _unit(supports).T / tau, 1) @ y, T) for v in targets]
+    t = [paws_losses.sharpen(torch.softmax(_unit(v) @ _unit(supports).T / tau, 1) @ y, T) for v in targets]
     tgt = torch.cat([t[1], t[0]] + [0.5 * (t[0] + t[1])] * (anchors.shape[0] // n - 2))
     tgt[tgt < 1e-4] = 0
     ce = torch.sum(torch.log(probs ** (-tgt)), dim=1)
     if weight is not None:
         ce = weight.repeat(anchors.shape[0] // n) * ce
-    avg = losses.sharpen(probs, T).mean(0)
+    avg = paws_losses.sharpen(probs, T).mean(0)
     me = torch.sum(avg * torch.log(avg)) + math.log(len(avg))
     return ce.mean() + me
 
@@ -116,7 +116,7 @@ def test_paws_loss_matches_reference_and_reaches_supports():
     supports = torch.randn(12, d, generator=g, requires_grad=True)
     targets = [torch.randn(n, d, generator=g) for _ in range(2)]
     support_labels = torch.tensor([5, 6, 7]).repeat_interleave(4)
-    loss, metrics = losses.paws(anchors, supports, targets, supports.detach(), support_labels, 0.1, 0.25, 0.1)
+    loss, metrics = paws_losses.paws(anchors, supports, targets, supports.detach(), support_labels, 0.1, 0.25, 0.1)
     ref = _reference_paws(anchors, supports.detach(), targets, support_labels, 0.1, 0.25, 0.1)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     assert metrics["support_classes"].item() == 3 and metrics["me_max"] >= 0
@@ -131,7 +131,7 @@ def _paws_cases(model, data, rows, support_rows):
         model.zero_grad(set_to_none=True)
         z = model(*[v[rows] for v in data["views"]], data["supports"][support_rows])
         anchors, supports = torch.cat(z[:4]), z[4]
-        loss, _ = losses.paws(anchors, supports, [z[0].detach(), z[1].detach()], supports.detach(),
+        loss, _ = paws_losses.paws(anchors, supports, [z[0].detach(), z[1].detach()], supports.detach(),
                               data["labels"][support_rows], tau=0.5, ropaws=ropaws, prior_tau=0.5,
                               support_images_per_class=len(data["labels"][support_rows]) // 3)
         loss.backward()

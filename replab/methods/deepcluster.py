@@ -44,8 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from replab.methods import distributed, registry
-from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.methods._pretext import hash_coefficients, image_slots
+from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.models.heads import mlp
 from replab.platform.data.augment import ViewSpec
 

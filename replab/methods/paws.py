@@ -8,7 +8,7 @@ target is the sharpened prediction of its *other* global view (the multi-crops g
 views of the same image must agree on their assignment to the labeled classes:
 
     encoder -> projection head (3-layer MLP, BN) [-> prediction head]
-    loss = mean H(sharpen(snn(target view)), snn(anchor view)) + me-max  (see losses.paws)
+    loss = mean H(sharpen(snn(target view)), snn(anchor view)) + me-max  (see paws_losses.paws)
 
 Targets use the same network without gradient (no EMA teacher). The labels of the unlabeled batch are
 never read: PAWS learns only from the supports' labels.
@@ -22,7 +22,7 @@ jitter strength 0.5 (no blur at CIFAR scale), no prediction head, 128-d output, 
 and norms excluded from it and from weight decay) lr 3.2 at an unlabeled batch of 256, momentum 0.9,
 weight decay 1e-6, cosine to 0.032 after 10 warm-up epochs (``train.min_lr_ratio=0.01``). The heads run
 per crop size like the backbone (the reference's ``_forward_backbone`` includes the projection ``fc``).
-The loss term by term: :func:`replab.methods.losses.paws` (parity: ``tests/test_paws_parity.py``).
+The loss term by term: :func:`replab.methods.paws_losses.paws` (parity: ``tests/test_paws_parity.py``).
 
 Known differences from the official run: the warm-up here starts from 0 where the reference starts at
 0.8 (``start_lr``); the projection hidden width is 512 (ResNet-18 features) where the reference uses 128
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replab.methods import losses, registry
+from replab.methods import paws_losses, registry
 from replab.methods.base import Method, OptimizerDefaults, StepOutput, Support, SupportSpec
 from replab.models.heads import mlp
 from replab.platform.data.augment import ViewSpec
@@ -127,7 +127,7 @@ class PAWS(Method):
         z = torch.cat(zs)  # targets (h in the reference)
         a = torch.cat([self.predictor(x) for x in zs]) if self.predictor is not None else z  # anchors
         support_labels = support.labels.repeat(len(s_views))
-        loss, metrics = losses.paws(
+        loss, metrics = paws_losses.paws(
             anchors=a[n_sup:],
             anchor_supports=a[:n_sup],
             target_views=list(z[n_sup:n_sup + 2 * n].detach().split(n)),

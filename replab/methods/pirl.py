@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.methods import registry
-from replab.methods._pretext import (crop_tiles, fit_to_backbone, grid_corners, hash_coefficients, image_slots)
+from replab.methods._pretext import crop_tiles, fit_to_backbone, grid_corners, hash_coefficients, image_slots
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.methods.distributed import gather
 from replab.methods.jigsaw import normalize_tiles

@@ -12,7 +12,7 @@ with an in-domain prior that sends images far from every labeled one to an out-o
     target = sharpen(P + (1 - p_in) / K),  p_in = P . 1                                out-of-class mass uniform
     loss   = mean_x p_in(x)^prior_pow H(target, snn(anchor)) + me-max                  in-class weighting
 
-(details and the derivation in :func:`replab.methods.losses.ropaws_propagate`). The anchors' predictions,
+(details and the derivation in :func:`replab.methods.paws_losses.ropaws_propagate`). The anchors' predictions,
 views, heads, supports and me-max are PAWS's (:mod:`replab.methods.paws`); only the targets and the
 per-sample weights change. An unlabeled image next to a labeled one inherits its label; one far from all
 labeled images gets a near-uniform target and a small weight, so out-of-class images neither pull the

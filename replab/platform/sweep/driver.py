@@ -109,31 +109,16 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     MLflow's own logging only from warnings up (errors in full)."""
     from ray import tune
 
-    from replab.platform.data import sources
     from replab.platform.train.ray_train import check_tracking_reachable, ensure_ray
 
     quiet_logs(verbose)
     raw, spec, cells = plan_sweep(config_path, overrides)
-    seen_data = set()
-    for cell in cells:  # a missing dataset fails here, before any Ray work
-        key = (cell.config.data.dataset, cell.config.data.root, cell.config.data.split)
-        if key not in seen_data:
-            sources.resolve_config(cell.config.data)
-            seen_data.add(key)
     base = cells[0].config
     folder = sweep_dir(base, spec.name)
-    local = "://" not in folder
-    if not local:
-        raise ConfigError("train.storage_path: replab sweep keeps its state in a local or shared folder; "
-                          "URIs are not supported for sweeps yet")
     plan_file = Path(folder) / "plan.json"
     grid = {"cells": [c.plan() for c in cells], "search": spec.search.__dict__ if spec.search else None}
     exists = plan_file.exists()
-    if exists and json.loads(plan_file.read_text()).get("grid") != jsonable(grid):
-        raise ConfigError(f"sweep.name: {spec.name!r} already exists at {folder} with a different grid; "
-                          "choose a new sweep.name or remove that folder")
-    if resume and not exists:
-        raise ConfigError(f"--resume: no sweep {spec.name!r} at {folder} to resume; run without --resume to start it")
+    _check_before_ray(spec, cells, folder, grid, resume)
     if exists and not _pending_jobs(spec, cells, folder):
         return _already_done(spec, base.tracking.uri, folder, json.loads(plan_file.read_text()), echo)
 
@@ -182,10 +167,38 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
             mark_stale_children(uri, parent_run_id)
 
     result = SweepResult(spec.name, parent_run_id, uri, folder, wall_time_s=wall, interrupted=interrupted)
+    return _conclude(result, spec, report, echo)
+
+
+def _check_before_ray(spec: SweepSpec, cells: list[Cell], folder: str, grid: dict[str, Any], resume: bool) -> None:
+    """What can fail before any Ray work, in one line each: a missing dataset, a URI as the sweep folder, a sweep
+    name already used by another grid, ``--resume`` of a sweep that never started."""
+    from replab.platform.data import sources
+
+    seen_data = set()
+    for cell in cells:
+        key = (cell.config.data.dataset, cell.config.data.root, cell.config.data.split)
+        if key not in seen_data:
+            sources.resolve_config(cell.config.data)
+            seen_data.add(key)
+    if "://" in folder:
+        raise ConfigError("train.storage_path: replab sweep keeps its state in a local or shared folder; "
+                          "URIs are not supported for sweeps yet")
+    plan_file = Path(folder) / "plan.json"
+    if plan_file.exists() and json.loads(plan_file.read_text()).get("grid") != jsonable(grid):
+        raise ConfigError(f"sweep.name: {spec.name!r} already exists at {folder} with a different grid; "
+                          "choose a new sweep.name or remove that folder")
+    if resume and not plan_file.exists():
+        raise ConfigError(f"--resume: no sweep {spec.name!r} at {folder} to resume; run without --resume to start it")
+
+
+def _conclude(result: SweepResult, spec: SweepSpec, report: bool, echo) -> SweepResult:
+    """Record the finished (or interrupted) sweep on its parent run, then fit and log its scaling report."""
+    uri, parent_run_id = result.tracking_uri, result.parent_run_id
     result.trials = trial_table(uri, parent_run_id)
     result.failed = sum(1 for t in result.trials if t["status"] == "FAILED")
     _finish_parent(uri, parent_run_id, result, spec)
-    if interrupted:
+    if result.interrupted:
         echo("sweep interrupted; re-run the same command (or add --resume) to continue it")
         return result
     if report:

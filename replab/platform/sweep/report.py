@@ -42,7 +42,7 @@ import numpy as np
 from replab.config import ConfigError
 from replab.platform.sweep import fits as scaling
 from replab.platform.sweep import html_report, plots
-from replab.platform.sweep.runs import ROLE_TAG, SWEEP_TAG, retry, trial_table
+from replab.platform.sweep.runs import ROLE_TAG, SWEEP_TAG, retry, trial_table, update_parent
 from replab.platform.sweep.spec import FIRST_CLASS_AXES, error_of
 
 REPLICATE_AXES = ("train.seed", "data.seed", "data.split_seed")
@@ -397,9 +397,7 @@ def build_report(uri: str, sweep: str, metric: str | None = None, bootstrap: int
         for p in plot_files:
             retry(logger.artifact, p, "report/plots")
         metrics, description = parent_summary(clean)
-        if metrics:
-            retry(logger.metrics, metrics, step=0)
-        retry(logger.tag, "mlflow.note.content", description)
+        update_parent(uri, parent.info.run_id, metrics=metrics, note=description)
     echo(text)
     echo(f"report files: {out}")
     clean["out_dir"] = str(out)
