@@ -241,7 +241,6 @@ def _train(cfg: RunConfig, name: str, run_id: str | None, resumed: bool, resume_
     """Build the data and the trainer, train, log the outputs and finish the MLflow run (``resumed``: the
     MLflow run was re-opened, its config already logged; ``resume_from``: the checkpoint the workers load)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     uri = cfg.tracking.uri
     logger = tracking.RunLogger(uri, run_id) if run_id else None
@@ -259,7 +258,7 @@ def _train(cfg: RunConfig, name: str, run_id: str | None, resumed: bool, resume_
         "tracking_uri": uri,
         "resume_from": resume_from,
     }
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         ray_train_fn,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -313,7 +312,8 @@ def interrupted_message(run_dir: str) -> str:
 
 @contextlib.contextmanager
 def terminate_as_interrupt():
-    """SIGTERM raises KeyboardInterrupt (so it ends like Ctrl-C, not with a C stack dump); main thread only."""
+    """SIGTERM raises KeyboardInterrupt (so it ends like Ctrl-C, not with a C stack dump); main thread only.
+    The SIGINT and SIGTERM handlers of before are restored on leaving (Ray Train leaves its own behind)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -321,11 +321,35 @@ def terminate_as_interrupt():
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGINT)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def trainer_class():
+    """``TorchTrainer`` whose SIGINT / SIGTERM handler aborts the run through Ray Train's controller, then
+    raises KeyboardInterrupt in the driver so the MLflow run is marked KILLED and the user told how to resume.
+    (Ray 2.60's own SIGINT handler aborts too, but then ends the process silently with status 1.)"""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            def handler(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # the controller may already be gone: nothing left to abort
+                    pass
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
+
+    return InterruptibleTrainer
 
 
 def build_train_data(cfg: RunConfig, logger: tracking.RunLogger | None = None) -> pipeline.TrainData:
