@@ -105,7 +105,11 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     result = fit(cfg)
     print()
-    print(f"run {result.run_name} finished")
+    if result.already_finished:
+        print(f"run {result.run_name} had already finished: nothing to do (change train.name or a setting to "
+              "train a new run)")
+    else:
+        print(f"run {result.run_name} finished")
     for key in sorted(result.metrics):
         if key.startswith(("eval/", "train/epoch_loss", "data/")):
             print(f"  {key} = {result.metrics[key]:.4f}" if isinstance(result.metrics[key], float)
@@ -215,14 +219,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data"
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from replab.platform.data.datasets import DataError
+    from replab.platform.train.errors import CheckpointError, RunFailed, RunLocked
 
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError) as exc:
         print(f"replab: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("replab: interrupted; re-run the same command to resume", file=sys.stderr)
+    except (RunFailed, RunLocked, CheckpointError) as exc:
+        print(f"replab: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        detail = str(exc) if str(exc) and not str(exc).startswith("signal ") else "interrupted; re-run the same command to resume"
+        print(f"replab: {detail}", file=sys.stderr)
         return 130
 
 

@@ -87,8 +87,12 @@ def _parquet_index(src: Source) -> RowIndex:
     fs = src.filesystem
 
     def footer(path: str) -> pq.FileMetaData:
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata
+        try:
+            with fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as exc:  # truncated, or not parquet at all
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{path}: not a readable parquet file ({reason}); re-copy or remove this shard") from None
 
     with ThreadPoolExecutor(_threads(len(src.files))) as pool:
         metas = list(pool.map(footer, src.files))

@@ -384,10 +384,14 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[dict[str, Any], 
                 worker.logger.metrics(metrics, step=step)
             interval_images, interval_start = 0, now
     epoch_time = time.perf_counter() - epoch_start
+    epoch_loss = (loss_sum / max(steps_in_epoch, 1)).item()
+    if not math.isfinite(epoch_loss):  # logging steps may miss it: the epoch mean cannot
+        raise FloatingPointError(f"train/loss became {epoch_loss} in epoch {epoch + 1} (by step {step}); "
+                                 "lower train.lr, check the method's parameters, or use train.precision=fp32")
     record: dict[str, Any] = {
         "epoch": epoch + 1,
         "step": step,
-        "train/epoch_loss": (loss_sum / max(steps_in_epoch, 1)).item(),
+        "train/epoch_loss": epoch_loss,
         "train/epoch_images_per_sec": steps_in_epoch * cfg.train.batch_size / max(epoch_time, 1e-9),
         "train/epoch_time_s": epoch_time,
         "data/skipped": env.skipped(),
@@ -436,18 +440,27 @@ def train_worker(
         record, step = train_epoch(worker, epoch, step)
         done = epoch + 1
         due_eval = done == cfg.train.epochs or (cfg.eval.every and done % cfg.eval.every == 0)
+        due_ckpt = done == cfg.train.epochs or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
+        # The checkpoint is written before evaluating: an evaluation error must not lose the epoch's training.
+        checkpoint_dir = (save_checkpoint(worker.method, worker.optimizer, done, step, cfg)
+                          if (due_ckpt and worker.is_chief) else None)
+        eval_error = None
         if due_eval and worker.is_chief:
-            record.update(run_eval())
+            try:
+                record.update(run_eval())
+            except Exception as exc:  # reported below, after the epoch's checkpoint is
+                eval_error = exc
+                if checkpoint_dir is None:
+                    checkpoint_dir = save_checkpoint(worker.method, worker.optimizer, done, step, cfg)
         if worker.is_chief:
             print(progress_line(record, cfg.train.epochs), flush=True)
             if logger is not None:
                 logger.metrics({k: v for k, v in record.items() if k not in ("epoch", "step")} | {"epoch": done},
                                step=step)
-        due_ckpt = done == cfg.train.epochs or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0)
-        checkpoint_dir = (save_checkpoint(worker.method, worker.optimizer, done, step, cfg)
-                          if (due_ckpt and worker.is_chief) else None)
         env.report(record, checkpoint_dir)
         history.append(record)
+        if eval_error is not None:
+            raise eval_error
     return LoopResult(epochs_done=cfg.train.epochs, steps=step, history=history)
 
 

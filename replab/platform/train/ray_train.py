@@ -9,11 +9,15 @@ command finds the same folder and Ray Train resumes from the last checkpoint the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,9 @@ from replab.config import RunConfig
 from replab.platform import tracking
 from replab.platform.data import arrays, catalog, datasets, pipeline, skips, sources
 from replab.platform.probes.frozen import EvalData
-from replab.platform.train import encoder_init
+from replab.platform.train import checkpoints, encoder_init, runlock
 from replab.platform.train.checkpoints import load_checkpoint
+from replab.platform.train.errors import CheckpointError, RunFailed, RunInterrupted
 from replab.platform.train.loop import WorkerEnv, train_worker
 from replab.validate import check_fits_machine, from_dict
 
@@ -36,6 +41,8 @@ class FitResult:
     metrics: dict[str, Any]
     checkpoint_path: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    already_finished: bool = False
+    """The run had finished before this call: nothing was trained, ``metrics`` are its final ones."""
 
 
 def is_uri(path: str) -> bool:
@@ -107,7 +114,8 @@ def load_eval_data(cfg: RunConfig) -> EvalData | None:
 class RayEnv(WorkerEnv):
     """The loop's runtime inside a Ray Train worker."""
 
-    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None, shuffle_seed: int | None = None):
+    def __init__(self, shuffle_buffer: int | None, skip_counter: str | None = None, resume_from: str | None = None,
+                 shuffle_seed: int | None = None):
         import ray.train
         import ray.train.torch
 
@@ -118,6 +126,7 @@ class RayEnv(WorkerEnv):
         self.shard = ray.train.get_dataset_shard("train")
         self.shuffle_buffer = shuffle_buffer
         self.skip_counter = skip_counter
+        self.resume_from = resume_from
         self.shuffle_seed = shuffle_seed
         """Seed of the local shuffle buffer (None: unseeded); each epoch and worker draws from its own."""
 
@@ -138,12 +147,13 @@ class RayEnv(WorkerEnv):
         ray.train.report(metrics, checkpoint=checkpoint)
 
     def latest_checkpoint(self):
+        """Ray's latest checkpoint of this run (after a worker restart), else the one the driver chose."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        return checkpoint.to_directory(tempfile.mkdtemp(prefix="replab-restore-"))
+        if checkpoint is not None:
+            return checkpoint.to_directory(tempfile.mkdtemp(prefix="replab-restore-"))
+        return checkpoints.fetch(self.resume_from) if self.resume_from else None
 
     def skipped(self):
         return skips.skipped_count(self.skip_counter) if self.skip_counter else 0
@@ -152,7 +162,7 @@ class RayEnv(WorkerEnv):
 def ray_train_fn(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
     cfg = from_dict(loop_config["config"])
-    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"),
+    env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"), loop_config.get("resume_from"),
                  cfg.train.seed if cfg.train.deterministic else None)
     logger = None
     if env.rank == 0 and loop_config.get("run_id"):
@@ -226,34 +236,76 @@ def check_tracking_reachable(uri: str) -> None:
 
 
 def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None) -> FitResult:
-    """Run (or resume) one training run; returns its final metrics and MLflow run id."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    """Run (or resume) one training run; returns its final metrics and MLflow run id.
 
+    One process per run (:func:`runlock.run_lock`). A run whose MLflow run already FINISHED is not trained
+    again: its metrics come back with ``already_finished``. Otherwise the run resumes from its newest
+    readable checkpoint (unreadable newer ones set aside, see :func:`checkpoints.prepare_resume`). Any failure
+    after the MLflow run is opened marks it FAILED (KILLED on SIGINT / SIGTERM).
+    """
     import ray
 
     if not ray.is_initialized():
         check_fits_machine(cfg)  # a local instance: refuse what the machine cannot hold, before Ray starts
     cfg = resolve_paths(cfg)
     sources.resolve_config(cfg.data)  # a missing dataset fails here, clearly (or is downloaded if asked)
-    init_source = encoder_init.resolve(cfg)  # a model.init that cannot be found fails here, before Ray work
+    encoder_init.resolve(cfg)  # a model.init that cannot be found fails here, before Ray work
     name = run_name(cfg)
+    with runlock.run_lock(cfg.train.storage_path, name):
+        return _fit_locked(cfg, name, parent_run_id, extra_tags)
+
+
+def _fit_locked(cfg: RunConfig, name: str, parent_run_id: str | None, extra_tags: dict[str, str] | None) -> FitResult:
+    uri, run_dir = cfg.tracking.uri, f"{cfg.train.storage_path.rstrip('/')}/{name}"
+    if cfg.tracking.enabled:
+        done = tracking.find_run(uri, cfg.tracking.experiment, name)
+        if done is not None and done.info.status == "FINISHED":
+            return FitResult(name, done.info.run_id, uri, dict(done.data.metrics), checkpoints.latest_checkpoint(run_dir),
+                             already_finished=True)
     ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
-    uri = cfg.tracking.uri
-    run_id = None
     if cfg.tracking.enabled:
         check_tracking_reachable(uri)
+    resume = checkpoints.prepare_resume(run_dir)
+    for line in resume.set_aside:
+        print(f"replab: {line}", file=sys.stderr, flush=True)
+    if resume.path:
+        print(f"resuming {name} from epoch {resume.epoch} (step {resume.step}), checkpoint {resume.path}", flush=True)
+        if not cfg.tracking.enabled and resume.epoch >= cfg.train.epochs:
+            return FitResult(name, None, uri, {"epoch": resume.epoch, "step": resume.step}, resume.path,
+                             already_finished=True)
+    run_id, resumed = None, False
+    if cfg.tracking.enabled:
+        init_source = encoder_init.resolve(cfg)
         tags = {"method": cfg.method.name, "backbone": cfg.model.backbone, "dataset": cfg.data.dataset,
                 **({encoder_init.INIT_TAG: init_source.lineage} if init_source else {}), **(extra_tags or {})}
         run_id, resumed = tracking.open_run(uri, cfg.tracking.experiment, name, cfg.flat(), tags, parent_run_id)
-        logger = tracking.RunLogger(uri, run_id)
-        logger.tag("replab.seed", seed_note(cfg))
-        if not resumed:
-            logger.dict(cfg.to_dict(), "config.yaml")
-            if cfg.source_file:
-                logger.artifact(cfg.source_file, "config")
+        tracking.RunLogger(uri, run_id).tag("replab.seed", seed_note(cfg))
+    try:
+        with terminate_as_interrupt():
+            return _train(cfg, name, run_id, resumed, resume.path)
+    except BaseException as exc:
+        if run_id:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            tracking.RunLogger(uri, run_id).finish("KILLED" if interrupted else "FAILED")
+        if isinstance(exc, KeyboardInterrupt):
+            raise RunInterrupted(interrupted_message(run_dir)) from None
+        if _is_training_failure(exc):
+            raise RunFailed(f"run {name} failed: {root_cause(exc)}") from exc
+        raise
 
-    train_data = build_train_data(cfg, logger if run_id else None)
+
+def _train(cfg: RunConfig, name: str, run_id: str | None, resumed: bool, resume_from: str | None) -> FitResult:
+    """Build the data and the trainer, train, log the outputs and finish the MLflow run (``resumed``: the
+    MLflow run was re-opened, its config already logged; ``resume_from``: the checkpoint the workers load)."""
+    import ray.train
+
+    uri = cfg.tracking.uri
+    logger = tracking.RunLogger(uri, run_id) if run_id else None
+    if logger is not None and not resumed:
+        logger.dict(cfg.to_dict(), "config.yaml")
+        if cfg.source_file:
+            logger.artifact(cfg.source_file, "config")
+    train_data = build_train_data(cfg, logger)
     loop_config = {
         "config": cfg.to_dict(),
         "num_rows": train_data.num_rows,
@@ -261,8 +313,9 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
         "skip_counter": train_data.counter_name,
         "run_id": run_id,
         "tracking_uri": uri,
+        "resume_from": resume_from,
     }
-    trainer = TorchTrainer(
+    trainer = trainer_class()(
         ray_train_fn,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -279,19 +332,83 @@ def fit(cfg: RunConfig, parent_run_id: str | None = None, extra_tags: dict[str, 
         dataset_config=ray.train.DataConfig(
             datasets_to_split=["train"], execution_options=pipeline.ingest_options(cfg.train.deterministic)),
     )
-    try:
-        result = trainer.fit()
-    except BaseException as exc:
-        if run_id:
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            tracking.RunLogger(uri, run_id).finish(status)
-        raise
+    result = trainer.fit()
     metrics = dict(result.metrics or {})
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
-    if run_id:
-        log_outputs(tracking.RunLogger(uri, run_id), result, metrics)
-        tracking.RunLogger(uri, run_id).finish("FINISHED")
+    if logger is not None:
+        log_outputs(logger, result, metrics)
+        logger.finish("FINISHED")
     return FitResult(name, run_id, uri, metrics, checkpoint_path)
+
+
+def _is_training_failure(exc: BaseException) -> bool:
+    from ray.train import TrainingFailedError
+
+    return isinstance(exc, TrainingFailedError)
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the error a Ray Train failure wraps (rank 0's, else the first worker's)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    inner = failures.get(0) or next(iter(failures.values()), None) or getattr(exc, "controller_failure", None) or exc
+    cause = getattr(inner, "cause", None)  # RayTaskError wraps the worker's own exception
+    inner = cause if isinstance(cause, BaseException) else inner
+    lines = [line for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {lines[-1].strip() if lines else ''}"[:400]
+
+
+def interrupted_message(run_dir: str) -> str:
+    """``interrupted; re-run the same command to resume from epoch N`` (N of the newest readable checkpoint)."""
+    newest = checkpoints.latest_checkpoint(run_dir)
+    try:
+        epoch = checkpoints.verify_checkpoint(newest)["epoch"] if newest else 0
+    except CheckpointError:
+        epoch = None
+    if not epoch:
+        return "interrupted before the first checkpoint; re-run the same command to start again"
+    return f"interrupted; re-run the same command to resume from epoch {epoch}"
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt (so it ends like Ctrl-C, not with a C stack dump); main thread only.
+    The SIGINT and SIGTERM handlers of before are restored on leaving (Ray Train leaves its own behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler), signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+
+
+def trainer_class():
+    """``TorchTrainer`` whose SIGINT / SIGTERM handler aborts the run through Ray Train's controller, then
+    raises KeyboardInterrupt in the driver so the MLflow run is marked KILLED and the user told how to resume.
+    (Ray 2.60's own SIGINT handler aborts too, but then ends the process silently with status 1.)"""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller):
+            def handler(signum, frame):
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # the controller may already be gone: nothing left to abort
+                    pass
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGTERM, handler)
+
+    return InterruptibleTrainer
 
 
 def seed_note(cfg: RunConfig) -> str:
