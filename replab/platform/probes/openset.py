@@ -249,8 +249,19 @@ def finetune(
     """A fine-tuned copy of ``encoder`` + linear head (``nn.Sequential``) trained on the labeled images only.
 
     SGD (momentum 0.9, Nesterov), cosine schedule per step, ``lr`` for ``batch_size``; each batch gets a
-    random resized crop (scale 0.5-1) + flip. The encoder passed in is not modified.
+    random resized crop (scale 0.5-1) + flip. The encoder passed in is not modified. Deterministic for a
+    ``seed`` on the CPU: the head's init and the augmentations draw from torch's RNG seeded here (inside
+    ``fork_rng``, so the caller's RNG state is left as it was).
     """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _finetune(encoder, images, labels, num_classes, resolution, device, epochs, lr, batch_size,
+                         weight_decay, seed, bf16)
+
+
+def _finetune(encoder, images, labels, num_classes, resolution, device, epochs, lr, batch_size, weight_decay,
+              seed, bf16) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     net = copy.deepcopy(encoder).to(device)
     for p in net.parameters():
