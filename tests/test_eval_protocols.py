@@ -206,3 +206,28 @@ def test_export_and_register_the_tiny_run(tiny_run, capsys):
         assert torch.allclose(load_exported(path)(x), want, atol=1e-5)
         assert torch.allclose(loaded.eval()(x), want, atol=1e-5)
     assert math.isfinite(float(np.asarray(want).sum()))
+
+
+def test_openset_and_finetune_report_top5_above_ten_classes():
+    from replab.platform.probes import openset
+
+    rng = np.random.default_rng(0)
+    classes = 12
+    colours = [(int(c), 255 - int(c), (37 * i) % 256) for i, c in enumerate(np.linspace(0, 255, classes))]
+
+    def flat(n):
+        base = np.repeat(np.asarray(colours, np.float64), n, axis=0)[:, None, None]
+        return np.clip(base + rng.normal(0, 2, (len(base), 1, 1, 3)), 0, 255).repeat(8, 1).repeat(8, 2).astype(np.uint8)
+
+    data = openset.OpenSetData(flat(4), np.repeat(np.arange(classes), 4), list(range(classes)), flat(3),
+                               np.repeat(np.arange(classes), 3))
+
+    class Colour(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    out = openset.evaluate_openset(Colour(), data, 8, torch.device("cpu"))
+    assert out["openset/snn_top5"] >= out["openset/snn_top1"] and out["openset/snn_top5"] == 1.0
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    ft = openset.evaluate_finetune(enc, data, 8, torch.device("cpu"), epochs=1, batch_size=16)
+    assert 0 <= ft["finetune/top1"] <= ft["finetune/top5"] <= 1

@@ -7,7 +7,7 @@
   multiplier != 1, ViTs) is not a torchvision architecture: replab's own ``state_dict`` is written, to be loaded
   into ``replab.models.backbones.build_backbone(**arch)``. ``PATH.json`` always holds the architecture
   (backbone, width, cifar_stem, resolution, patch_size, out_dim) and which of the two formats was written.
-- ``--register NAME``: ``mlflow.pytorch.log_model`` of the encoder (on the CPU, eval mode) logged to the
+- ``--register NAME``: ``mlflow.pytorch.log_model`` of the encoder (on the CPU, eval mode, pickle format) logged to the
   evaluated run (or, for a bare checkpoint folder, to a new run of the tracking experiment) and registered
   as a new version of the model NAME, so ``mlflow.pytorch.load_model("models:/NAME/<version>")`` returns it.
 """
@@ -107,18 +107,20 @@ def register_encoder(encoder: nn.Module, name: str, uri: str, run_id: str | None
     if run_id is None:
         run_id = tracking.client(uri).create_run(tracking.experiment_id(uri, experiment),
                                                  run_name=run_name or f"export-{name}").info.run_id
-    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # the registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise (then that one is used)
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id) as active:
-            # explicit requirements: inferring them re-imports the model in a subprocess (slow, and needs replab)
+            # explicit requirements: inferring them re-imports the model in a subprocess (slow, and needs replab).
+            # pickle (MLflow 3 defaults to pt2, a traced graph): load_model then returns replab's encoder module
+            # itself (out_dim, feature_map, any batch size); loading needs replab importable.
             info = mlflow.pytorch.log_model(model, name="encoder", registered_model_name=name,
-                                            pip_requirements=["torch", "torchvision"])
+                                            pip_requirements=["torch", "torchvision"],
+                                            serialization_format="pickle")
             logged_run = active.info.run_id
         version = info.registered_model_version
     finally:
         mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous_registry)
     return {"model_uri": f"models:/{name}/{version}", "version": version, "run_id": logged_run,
             "artifact_uri": info.model_uri}

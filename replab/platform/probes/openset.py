@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.platform.data.augment import ViewSpec, make_views
-from replab.platform.probes.frozen import autocast_context, extract_features
+from replab.platform.probes.frozen import TOP5_MIN_CLASSES, autocast_context, extract_features, topk_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ def evaluate_openset(
     out: dict[str, float] = {}
     if mask.any():
         out[f"{prefix}snn_top1"] = (probs[mask].argmax(1) == y[mask]).float().mean().item()
+        if data.num_classes >= TOP5_MIN_CLASSES:
+            out[f"{prefix}snn_top5"] = topk_accuracy(probs[mask], y[mask], 5)
     ood_sim = ood_msp = None
     if data.ood_images is not None and len(data.ood_images):
         ood = extract_features(encoder, data.ood_images, **kw)
@@ -329,6 +331,8 @@ def evaluate_finetune(
     out: dict[str, float] = {}
     if mask.any():
         out[f"{prefix}top1"] = (probs[mask].argmax(1) == y[mask]).float().mean().item()
+        if data.num_classes >= TOP5_MIN_CLASSES:
+            out[f"{prefix}top5"] = topk_accuracy(probs[mask], y[mask], 5)
     ood_msp = None
     if data.ood_images is not None and len(data.ood_images):
         ood_logits = _logits(model, data.ood_images, resolution, device, eval_batch_size, bf16).cpu()
