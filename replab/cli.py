@@ -3,6 +3,8 @@
     replab train CONFIG [--set section.key=value ...]   pre-train (resumes when re-run), evaluate, log to MLflow
     replab eval RUN_OR_CHECKPOINT [--knn] [--linear]    evaluate a run's final encoder or a checkpoint folder
     replab eval RUN_OR_CHECKPOINT --openset [...]       closed-set accuracy + AUROC known/unknown/OOD (+ fine-tune)
+    replab eval RUN --transfer D1,D2 --few-labels 0.01,0.1 --cluster [--export F] [--register NAME]
+                                                        the papers' protocols as tables; exported encoders
     replab methods                                      the registered methods, one line each
     replab data inspect SOURCE                          rows, classes, image sizes, unreadable files
     replab data download NAME [--archive PATH]          fetch (or take from disk) and convert a named dataset
@@ -53,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--ood-dataset", default="tinyimagenet", help="unseen dataset for the OOD AUROC ('' to skip)")
     o.add_argument("--ood-split", default="val")
     o.add_argument("--ood-limit", type=int, default=None, help="OOD images (default: all)")
+    e = p.add_argument_group("the papers' protocols (printed as tables, logged as eval_cli/<protocol>/...)")
+    e.add_argument("--transfer", default=None, metavar="D1,D2",
+                   help="frozen kNN + linear probe on each dataset, e.g. cifar10,tinyimagenet,imagenette128 "
+                        "(images resized to the run's resolution)")
+    e.add_argument("--few-labels", default=None, metavar="F1,F2",
+                   help="fine-tune end to end on these label fractions, e.g. 0.01,0.1 (SimCLR Table 7); "
+                        "epochs: --finetune-epochs, default 60 up to 1%%, 30 above")
+    e.add_argument("--cluster", nargs="?", const="", default=None, metavar="D1,D2",
+                   help="k-means on frozen test features: NMI, ARI, cluster accuracy (default: the run's dataset)")
+    e.add_argument("--seed", type=int, default=None, help="split / fine-tune / k-means seed (default: the run's)")
+    e.add_argument("--export", default="", metavar="PATH", help="write the encoder's state_dict (+ PATH.json)")
+    e.add_argument("--register", default="", metavar="NAME", help="log the encoder as an MLflow model named NAME")
 
     sub.add_parser("methods", help="list the registered methods")
 
@@ -122,8 +136,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _eval_protocols(args, cfg) -> int:
+    from replab.platform.evaluate.protocols import parse_fractions, parse_list
+    from replab.platform.evaluate.target import evaluate_protocols_target
+
+    transfer = parse_list(args.transfer, "--transfer") if args.transfer is not None else None
+    few = parse_fractions(args.few_labels) if args.few_labels is not None else None
+    cluster = None if args.cluster is None else [d.strip() for d in args.cluster.split(",") if d.strip()]
+    knn, linear = (args.knn or not args.linear), (args.linear or not args.knn)
+    results, table = evaluate_protocols_target(
+        args.target, cfg, transfer=transfer, few_labels=few, cluster=cluster, export=args.export,
+        register=args.register, knn=knn, linear=linear, finetune_epochs=args.finetune_epochs or None, seed=args.seed)
+    print(table)
+    return 0
+
+
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if any(v not in (None, "") for v in (args.transfer, args.few_labels, args.export, args.register)) \
+            or args.cluster is not None:
+        if args.openset:
+            raise ConfigError("--openset: run it on its own, not with --transfer/--few-labels/--cluster/--export")
+        return _eval_protocols(args, cfg)
     if args.openset:
         from replab.platform.evaluate.target import evaluate_openset_target
 

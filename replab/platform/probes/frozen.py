@@ -7,6 +7,8 @@
   prediction = argmax of the summed votes. k = 200, T = 0.1 by default.
 - Linear probe: a linear classifier on standardised frozen features, trained with SGD + cosine schedule;
   top-1 on the test features.
+- Top-5 (datasets with more than 10 classes, as the papers report): the true class is among the 5 highest
+  summed kNN votes / probe logits.
 Accuracies are fractions in [0, 1].
 """
 
@@ -68,23 +70,43 @@ def extract_features(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def knn_predict(
+TOP5_MIN_CLASSES = 11
+"""Top-5 is reported for datasets with more than 10 classes."""
+
+
+def knn_votes(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 200,
     temperature: float = 0.1, chunk: int = 1024,
 ) -> torch.Tensor:
-    """Class predictions of a temperature-weighted kNN vote (features are L2-normalised here)."""
+    """``[N, C]`` summed votes sum_{i in top-k} exp(cos(q, b_i) / T) [y_i = c] (features L2-normalised here)."""
     bank = F.normalize(bank, dim=1)
     queries = F.normalize(queries, dim=1)
     k = min(k, bank.shape[0])
-    preds = []
+    out = []
     for start in range(0, queries.shape[0], chunk):
         sims = queries[start : start + chunk] @ bank.T
         top_sims, top_idx = sims.topk(k, dim=1)
         weights = (top_sims / temperature).exp()
         votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
         votes.scatter_add_(1, bank_labels[top_idx], weights)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def knn_predict(
+    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 200,
+    temperature: float = 0.1, chunk: int = 1024,
+) -> torch.Tensor:
+    """Class predictions of a temperature-weighted kNN vote (argmax of :func:`knn_votes`)."""
+    return knn_votes(bank, bank_labels, queries, num_classes, k, temperature, chunk).argmax(dim=1)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the ``k`` highest scores (ties broken by ``torch.topk``)."""
+    if len(labels) == 0:
+        return float("nan")
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return (top == labels.view(-1, 1)).any(dim=1).float().mean().item()
 
 
 def knn_top1(bank, bank_labels, queries, query_labels, num_classes, k=200, temperature=0.1) -> float:
@@ -97,6 +119,15 @@ def linear_probe_top1(
     num_classes: int, epochs: int = 30, lr: float = 0.1, batch_size: int = 256, seed: int = 0,
 ) -> float:
     """Top-1 of a linear classifier trained on standardised frozen features (SGD, momentum 0.9, cosine)."""
+    logits = linear_probe_logits(train_feats, train_labels, test_feats, num_classes, epochs, lr, batch_size, seed)
+    return (logits.argmax(1) == test_labels).float().mean().item()
+
+
+def linear_probe_logits(
+    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
+    epochs: int = 30, lr: float = 0.1, batch_size: int = 256, seed: int = 0,
+) -> torch.Tensor:
+    """``[N_test, C]`` logits of the linear probe of :func:`linear_probe_top1` on ``test_feats``."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = train_feats.mean(0, keepdim=True), train_feats.std(0, keepdim=True) + 1e-6
     xs, xt = (train_feats - mean) / std, (test_feats - mean) / std
@@ -115,7 +146,7 @@ def linear_probe_top1(
                 opt.step()
                 sched.step()
     with torch.no_grad():
-        return (head(xt).argmax(1) == test_labels).float().mean().item()
+        return head(xt)
 
 
 def evaluate_encoder(
@@ -133,7 +164,8 @@ def evaluate_encoder(
     bf16: bool = False,
     channels_last: bool = False,
 ) -> dict[str, float]:
-    """``eval/knn_top1`` and ``eval/linear_top1`` (fractions) of a frozen encoder."""
+    """``eval/knn_top1`` and ``eval/linear_top1`` (fractions) of a frozen encoder, and ``eval/knn_top5`` /
+    ``eval/linear_top5`` when the dataset has more than 10 classes."""
     if not (knn or linear):
         return {}
     kw = dict(resolution=resolution, device=device, batch_size=batch_size, bf16=bf16, channels_last=channels_last)
@@ -141,11 +173,26 @@ def evaluate_encoder(
     test = extract_features(encoder, data.test_images, **kw)
     bank_labels = torch.as_tensor(data.bank_labels, device=device).long()
     test_labels = torch.as_tensor(data.test_labels, device=device).long()
+    return frozen_metrics(bank, bank_labels, test, test_labels, data.num_classes, knn=knn, linear=linear, k=k,
+                          temperature=temperature, linear_epochs=linear_epochs, linear_lr=linear_lr)
+
+
+def frozen_metrics(
+    bank: torch.Tensor, bank_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor, num_classes: int,
+    knn: bool = True, linear: bool = True, k: int = 200, temperature: float = 0.1, linear_epochs: int = 30,
+    linear_lr: float = 0.1, prefix: str = "eval/",
+) -> dict[str, float]:
+    """kNN / linear-probe ``<prefix>{knn,linear}_top1`` (+ ``_top5`` above 10 classes) from extracted features."""
     results: dict[str, float] = {}
+    top5 = num_classes >= TOP5_MIN_CLASSES
     if knn:
-        results["eval/knn_top1"] = knn_top1(bank, bank_labels, test, test_labels, data.num_classes, k, temperature)
+        votes = knn_votes(bank, bank_labels, test, num_classes, k, temperature)
+        results[f"{prefix}knn_top1"] = (votes.argmax(1) == test_labels).float().mean().item()
+        if top5:
+            results[f"{prefix}knn_top5"] = topk_accuracy(votes, test_labels, 5)
     if linear:
-        results["eval/linear_top1"] = linear_probe_top1(
-            bank, bank_labels, test, test_labels, data.num_classes, epochs=linear_epochs, lr=linear_lr
-        )
+        logits = linear_probe_logits(bank, bank_labels, test, num_classes, epochs=linear_epochs, lr=linear_lr)
+        results[f"{prefix}linear_top1"] = (logits.argmax(1) == test_labels).float().mean().item()
+        if top5:
+            results[f"{prefix}linear_top5"] = topk_accuracy(logits, test_labels, 5)
     return results

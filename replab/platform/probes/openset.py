@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.platform.data.augment import ViewSpec, make_views
-from replab.platform.probes.frozen import autocast_context, extract_features
+from replab.platform.probes.frozen import TOP5_MIN_CLASSES, autocast_context, extract_features, topk_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,8 @@ def evaluate_openset(
     out: dict[str, float] = {}
     if mask.any():
         out[f"{prefix}snn_top1"] = (probs[mask].argmax(1) == y[mask]).float().mean().item()
+        if data.num_classes >= TOP5_MIN_CLASSES:
+            out[f"{prefix}snn_top5"] = topk_accuracy(probs[mask], y[mask], 5)
     ood_sim = ood_msp = None
     if data.ood_images is not None and len(data.ood_images):
         ood = extract_features(encoder, data.ood_images, **kw)
@@ -249,8 +251,19 @@ def finetune(
     """A fine-tuned copy of ``encoder`` + linear head (``nn.Sequential``) trained on the labeled images only.
 
     SGD (momentum 0.9, Nesterov), cosine schedule per step, ``lr`` for ``batch_size``; each batch gets a
-    random resized crop (scale 0.5-1) + flip. The encoder passed in is not modified.
+    random resized crop (scale 0.5-1) + flip. The encoder passed in is not modified. Deterministic for a
+    ``seed`` on the CPU: the head's init and the augmentations draw from torch's RNG seeded here (inside
+    ``fork_rng``, so the caller's RNG state is left as it was).
     """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _finetune(encoder, images, labels, num_classes, resolution, device, epochs, lr, batch_size,
+                         weight_decay, seed, bf16)
+
+
+def _finetune(encoder, images, labels, num_classes, resolution, device, epochs, lr, batch_size, weight_decay,
+              seed, bf16) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     net = copy.deepcopy(encoder).to(device)
     for p in net.parameters():
@@ -318,6 +331,8 @@ def evaluate_finetune(
     out: dict[str, float] = {}
     if mask.any():
         out[f"{prefix}top1"] = (probs[mask].argmax(1) == y[mask]).float().mean().item()
+        if data.num_classes >= TOP5_MIN_CLASSES:
+            out[f"{prefix}top5"] = topk_accuracy(probs[mask], y[mask], 5)
     ood_msp = None
     if data.ood_images is not None and len(data.ood_images):
         ood_logits = _logits(model, data.ood_images, resolution, device, eval_batch_size, bf16).cpu()
