@@ -37,6 +37,7 @@ from replab.platform.probes.frozen import EvalData, autocast_context, evaluate_e
 from replab.platform.train import optim
 from replab.platform.train import encoder_init
 from replab.platform.train.checkpoints import load_checkpoint, save_checkpoint
+from replab.platform.train.collapse import CollapseMonitor, embedding_signals
 from replab.validate import from_dict
 
 
@@ -260,6 +261,7 @@ class Worker:
     """The method's :class:`SupportSpec` (semi-supervised methods) or None."""
     support_batches: Iterator | None = None
     logger: Any = None
+    collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
 
     @property
     def is_chief(self) -> bool:
@@ -357,8 +359,18 @@ def step_metrics(out: Any, step: int, lr: float, images_per_sec: float) -> dict[
     metrics = {"train/loss": loss_value, "train/lr": lr, "train/images_per_sec": images_per_sec}
     metrics.update({f"train/{k}": float(v) for k, v in out.metrics.items()})
     if out.embeddings is not None:
-        metrics["train/embedding_std"] = embedding_std(out.embeddings)
+        metrics.update(embedding_signals(out.embeddings))
     return metrics
+
+
+def _watch_collapse(worker: Worker, metrics: dict[str, float], dim: int, step: int) -> None:
+    """Warn once, in the terminal and as the run's ``replab.collapsed`` tag, when the encoder collapses."""
+    warning = worker.collapse.update(metrics, dim, step)
+    if warning is None:
+        return
+    print(warning, flush=True)
+    if worker.logger is not None:
+        worker.logger.tag("replab.collapsed", warning.removeprefix("warning: "))
 
 
 def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[dict[str, Any], int]:
@@ -382,6 +394,8 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[dict[str, Any], 
             metrics = step_metrics(out, step, lr, interval_images / max(now - interval_start, 1e-9))
             if worker.logger is not None:
                 worker.logger.metrics(metrics, step=step)
+            if out.embeddings is not None:
+                _watch_collapse(worker, metrics, out.embeddings.flatten(1).shape[1], step)
             interval_images, interval_start = 0, now
     epoch_time = time.perf_counter() - epoch_start
     epoch_loss = (loss_sum / max(steps_in_epoch, 1)).item()
@@ -473,10 +487,3 @@ def progress_line(record: dict[str, Any], epochs: int) -> str:
             parts.append(f"{label} {record[key]:.3f}")
     parts.append(f"skipped {record['data/skipped']}")
     return "  ".join(parts)
-
-
-@torch.no_grad()
-def embedding_std(z: torch.Tensor) -> float:
-    """Mean over dimensions of the batch std of L2-normalised embeddings; ~1/sqrt(D) healthy, 0 collapsed."""
-    z = torch.nn.functional.normalize(z.float(), dim=1)
-    return z.std(dim=0).mean().item()
