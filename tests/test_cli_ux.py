@@ -46,16 +46,16 @@ def test_eval_finds_a_run_name_in_any_experiment(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from replab.platform import tracking
-    from replab.platform.train.restore import _run_by_name
+    from replab.platform.train.encoder_init import run_by_name
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     c = MlflowClient(uri)
     only = c.create_run(c.create_experiment("exp-a"), tags={tracking.RUN_TAG: "simclr-x"}).info.run_id
-    assert _run_by_name(uri, "replab", "simclr-x").info.run_id == only  # not in the default experiment
-    assert _run_by_name(uri, "replab", "nope") is None
+    assert run_by_name(uri, "replab", "simclr-x").info.run_id == only  # not in the default experiment
+    assert run_by_name(uri, "replab", "nope") is None
     c.create_run(c.create_experiment("exp-b"), tags={tracking.RUN_TAG: "simclr-x"})
     with pytest.raises(ConfigError) as err:
-        _run_by_name(uri, "replab", "simclr-x")
+        run_by_name(uri, "replab", "simclr-x")
     assert str(err.value) == ("simclr-x: a run of this name is in 2 experiments (exp-a, exp-b); choose one with "
                               "--set tracking.experiment=NAME or pass the MLflow run id")
-    assert _run_by_name(uri, "exp-b", "simclr-x").info.experiment_id != c.get_run(only).info.experiment_id
+    assert run_by_name(uri, "exp-b", "simclr-x").info.experiment_id != c.get_run(only).info.experiment_id
