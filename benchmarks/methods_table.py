@@ -1,7 +1,12 @@
-"""Every registered method at one small fixed budget on CIFAR-10: kNN top-1 vs the random-init baseline,
-loss curve, images/s and peak memory, as one markdown table (docs/RESULTS.md).
+"""Every registered method at one fixed budget on CIFAR-10: kNN top-1 vs the random-init baseline, loss
+curve, images/s and peak memory, as one markdown table (docs/RESULTS.md).
 
-    python benchmarks/methods_table.py --images 2000 --epochs 2 --out docs/methods_cpu.json
+    python benchmarks/methods_table.py --config experiments/reference_cpu.yaml --out docs/methods_reference_cpu.json
+    python benchmarks/methods_table.py --images 2000 --epochs 2 --out docs/methods_cpu.json   # the flags' budget
+
+With ``--config`` the budget (data subset, encoder, schedule, kNN bank and test sizes) is that run config's, the
+CPU reference budget being ``experiments/reference_cpu.yaml``; the flags then only pick methods. Resumable: with
+``--out``, every finished method is written at once and a re-run skips the methods already in the file.
 
 Runs the plain training loop (no Ray) on one process so that every method gets the same encoder
 (ResNet-18 with a CIFAR stem at the given width; ViT-Tiny/4 for MAE), data, epochs and evaluation.
@@ -44,25 +49,40 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--methods", default="", help="comma-separated subset (default: all)")
     parser.add_argument("--root", default="")
+    parser.add_argument("--config", default=None, help="a run config whose budget every method gets")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], help="section.key=value overrides of --config")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
     from replab.platform.data.datasets import data_root
 
     root = data_root(args.root)
-    images, labels = load_arrays("cifar10", root, "train", 32, limit=args.images, seed=0)
-    bank_x, bank_y = load_arrays("cifar10", root, "train", 32, limit=5000, seed=1)
-    test_x, test_y = load_arrays("cifar10", root, "test", 32, limit=2000, seed=0)
+    if args.config:
+        budget = [f"data.root={root}", *args.overrides]
+        base = load_config(args.config, budget)
+        limit, bank, test = base.data.limit, base.eval.bank_limit or 10000, base.eval.test_limit or 10000
+    else:
+        budget = [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.warmup_epochs=0",
+                  "train.log_every=1000000", "eval.linear=false"]
+        limit, bank, test = args.images, 5000, 2000
+    images, labels = load_arrays("cifar10", root, "train", 32, limit=limit, seed=0)
+    bank_x, bank_y = load_arrays("cifar10", root, "train", 32, limit=bank, seed=1)
+    test_x, test_y = load_arrays("cifar10", root, "test", 32, limit=test, seed=0)
     eval_data = EvalData(bank_x, bank_y, test_x, test_y, 10)
     names = args.methods.split(",") if args.methods else list(registry.available())
-    rows = []
+    rows = json.loads(Path(args.out).read_text()) if args.out and Path(args.out).exists() else []
+    done = {r["method"] for r in rows if "error" not in r}
+    rows = [r for r in rows if r["method"] in done]
     for name in names:
-        backbone = ["model.backbone=vit_tiny"] if name in VIT_ONLY else [f"model.width={args.width}"]
-        overrides = [f"method.name={name}", f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}",
-                     "train.warmup_epochs=0", "train.log_every=1000000", "eval.linear=false", *backbone]
+        if name in done:
+            print(f"{name}: already in {args.out}, skipped", flush=True)
+            continue
+        backbone = ["model.backbone=vit_tiny"] if name in VIT_ONLY else ([] if args.config else
+                                                                          [f"model.width={args.width}"])
+        overrides = [*budget, f"method.name={name}", *backbone]
         overrides += [o for o in SMALL_HEADS.get(name, []) if o.split("=")[0].split(".")[1] in
                       registry.get(name).Params.__dataclass_fields__]
-        cfg = load_config(None, overrides)
+        cfg = load_config(args.config, overrides)
         env = LocalEnv(images, labels, tempfile.mkdtemp(prefix=f"table-{name}-"))
         start = time.perf_counter()
         try:
@@ -85,21 +105,22 @@ def main(argv=None) -> int:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        if args.out:  # after every method: a stopped table resumes where it stopped
+            Path(args.out).write_text(json.dumps(rows, indent=2))
     print(markdown(rows))
     return 0
 
 
 def markdown(rows) -> str:
-    lines = ["| method | backbone | kNN top-1 (random init) | kNN top-1 | loss per epoch | img/s | peak RSS GiB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | backbone | kNN top-1 random init | kNN top-1 after | change (points) | loss per epoch | img/s | "
+             "wall s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['knn_top1_init']:.3f} | {r['knn_top1']:.3f} | {r['loss_curve']} | "
-                     f"{r['images_per_sec']:.0f} | {r['peak_rss_gib']:.2f} |")
+        change = 100 * (r["knn_top1"] - r["knn_top1_init"])
+        lines.append(f"| {r['method']} | {r['backbone']} | {r['knn_top1_init']:.3f} | {r['knn_top1']:.3f} | "
+                     f"{change:+.1f} | {r['loss_curve']} | {r['images_per_sec']:.0f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
