@@ -31,6 +31,11 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
 
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's, Ray Train's and MLflow's own output (hidden by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="replab", description="A representation-learning lab on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train an encoder, evaluate it and log everything to MLflow")
     p.add_argument("config", nargs="?", help="experiment YAML (default: all defaults)")
     _add_set(p)
+    _add_verbose(p)
 
     p = sub.add_parser("eval", help="evaluate a run's encoder (MLflow run id or name) or a checkpoint folder")
     p.add_argument("target", help="MLflow run id, replab run name, or checkpoint folder")
@@ -45,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear", action="store_true", help="linear probe only (default: both)")
     p.add_argument("--config", help="config whose eval/data/tracking sections to use")
     _add_set(p)
+    _add_verbose(p)
     o = p.add_argument_group("open-set / few-label evaluation (--openset)")
     o.add_argument("--openset", action="store_true",
                    help="SNN top-1 on the known classes, AUROC known vs unknown test images and vs --ood-dataset")
@@ -114,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from replab.platform.train.ray_train import fit
+    from replab.platform.train.ray_train import fit, quiet_logs
 
     cfg = load_config(args.config, args.overrides)
+    quiet_logs(args.verbose)
     result = fit(cfg)
     print()
     if result.already_finished:
@@ -124,16 +132,31 @@ def cmd_train(args) -> int:
               "train a new run)")
     else:
         print(f"run {result.run_name} finished")
+    baseline = _random_init_baseline(result)
     for key in sorted(result.metrics):
-        if key.startswith(("eval/", "train/epoch_loss", "data/")):
-            print(f"  {key} = {result.metrics[key]:.4f}" if isinstance(result.metrics[key], float)
-                  else f"  {key} = {result.metrics[key]}")
+        if key.startswith(("eval/", "train/epoch_loss", "data/")) and not key.startswith("eval/init_"):
+            value = result.metrics[key]
+            line = f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}"
+            init = baseline.get(key.replace("eval/", "eval/init_"))
+            if init is not None and isinstance(value, float):
+                line += f"   (random init {init:.4f}, {100 * (value - init):+.1f} points)"
+            print(line)
     if result.run_id:
         from replab.platform.tracking import ui_hint
 
         print(f"MLflow run id: {result.run_id}")
         print(f"open the MLflow UI: {ui_hint(result.tracking_uri)}")
     return 0
+
+
+def _random_init_baseline(result) -> dict[str, float]:
+    """The run's ``eval/init_*`` metrics (its encoder before training), from MLflow; {} without a run."""
+    if not result.run_id:
+        return {}
+    from replab.platform import tracking
+
+    metrics = tracking.client(result.tracking_uri).get_run(result.run_id).data.metrics
+    return {k: v for k, v in metrics.items() if k.startswith("eval/init_")}
 
 
 def _eval_protocols(args, cfg) -> int:
@@ -152,7 +175,10 @@ def _eval_protocols(args, cfg) -> int:
 
 
 def cmd_eval(args) -> int:
+    from replab.platform.train.ray_train import quiet_logs
+
     cfg = load_config(args.config, args.overrides)
+    quiet_logs(args.verbose)
     if any(v not in (None, "") for v in (args.transfer, args.few_labels, args.export, args.register)) \
             or args.cluster is not None:
         if args.openset:

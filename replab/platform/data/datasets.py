@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from replab.platform.progress import bar
+
 ENV_ROOT = "REPLAB_DATA_ROOT"
 DEFAULT_ROOT = "~/.cache/replab/datasets"
 
@@ -174,14 +176,17 @@ def fetch(url: str, dest: str, md5: str | None, *, log: Callable[[str], None] | 
         with urllib.request.urlopen(request, timeout=60) as response, open(part, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             done, last = 0, time.monotonic()
+            progress = bar(total=total or None, desc=os.path.basename(dest), unit="B", unit_scale=True)
             while block := response.read(1 << 20):
                 out.write(block)
                 h.update(block)
                 done += len(block)
-                if time.monotonic() - last > 5:
+                progress.update(len(block))
+                if progress.disable and time.monotonic() - last > 5:  # no terminal: a plain line every 5 s
                     pct = f" ({100 * done / total:.0f}%)" if total else ""
                     log(f"downloading {url}: {done / 1e6:.0f} MB{pct}")
                     last = time.monotonic()
+            progress.close()
     except OSError as exc:
         if os.path.exists(part):
             os.remove(part)

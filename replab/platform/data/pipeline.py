@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,7 +176,9 @@ def ingest_options(deterministic: bool):
     (without it, blocks reach the trainer in task-completion order, which changes from run to run)."""
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray's own defaults set a field Ray deprecates: not the user's to act on
+        warnings.filterwarnings("ignore", message=".*exclude_resources")
+        options = DataConfig.default_ingest_options()
     options.preserve_order = bool(deterministic) or options.preserve_order
     return options
 

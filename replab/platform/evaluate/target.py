@@ -12,20 +12,26 @@ from replab.platform.train.ray_train import load_eval_data
 from replab.platform.train.restore import load_run
 
 
-def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool = True) -> dict[str, Any]:
-    """kNN / linear-probe accuracy of the encoder in ``target``; logged to its run when there is one."""
+def evaluate_target(target: str, cfg: RunConfig, knn: bool = True, linear: bool = True, echo=print) -> dict[str, Any]:
+    """kNN / linear-probe accuracy of the encoder in ``target``; logged to its run when there is one. ``echo``
+    says first what is measured on how many images (the figures differ from training's when the sizes do)."""
     run = load_run(target, cfg)
+    echo(f"evaluating {run.folder} (epoch {run.epoch}, step {run.step}): loading the evaluation images...")
     eval_data = load_eval_data(run.cfg)
     if eval_data is None:
         raise ConfigError(f"eval.dataset: {run.cfg.eval.dataset or run.cfg.data.dataset} has no labels to evaluate with")
     c = run.cfg.eval
+    probes = " and ".join(p for p, on in ((f"kNN (k={c.knn_k})", knn), ("a linear probe", linear)) if on)
+    echo(f"{probes} on {len(eval_data.test_images)} test images, with {len(eval_data.bank_images)} training "
+         f"images as the bank / probe training set")
     results = evaluate_encoder(
         run.method.encoder, eval_data, run.cfg.data.resolution, run.device, knn=knn, linear=linear, k=c.knn_k,
         temperature=c.knn_temperature, linear_epochs=c.linear_epochs, linear_lr=c.linear_lr,
         batch_size=c.batch_size, bf16=use_bf16(run.cfg.train.precision, run.device),
     )
     run.log(cfg, results)
-    return {**results, "epoch": run.epoch, "checkpoint": run.folder}
+    return {**results, "epoch": run.epoch, "checkpoint": run.folder, "test_images": len(eval_data.test_images),
+            "bank_images": len(eval_data.bank_images)}
 
 
 

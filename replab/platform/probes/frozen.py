@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.platform.data.augment import normalize, resize, to_float
+from replab.platform.progress import bar
 
 
 @dataclass
@@ -57,7 +58,7 @@ def extract_features(
     encoder.eval()
     out = []
     try:
-        for start in range(0, len(images), batch_size):
+        for start in bar(range(0, len(images), batch_size), desc="features", unit="batch"):
             chunk = torch.as_tensor(images[start : start + batch_size]).to(device, non_blocking=True)
             x = normalize(resize(to_float(chunk), resolution))
             if channels_last:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     MLflow's own logging only from warnings up (errors in full)."""
     from ray import tune
 
-    from replab.platform.train.ray_train import check_tracking_reachable, ensure_ray
+    from replab.platform.train.ray_train import check_tracking_reachable, ensure_ray, quiet_logs
 
     quiet_logs(verbose)
     raw, spec, cells = plan_sweep(config_path, overrides)
@@ -288,22 +287,6 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
         if all(s == "TERMINATED" for s in states):
             (Path(folder) / "tune" / f"{exp_name}.done").touch()
     return False
-
-
-QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic")
-
-
-def quiet_logs(verbose: bool) -> None:
-    """Ray's, Tune's and MLflow's own logging from warnings up only (``verbose``: as they come). Ray's
-    processes inherit the environment set here: no repeated-log dedup notices, no Tune/Train progress reports."""
-    if verbose:
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers, no hint
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints its tables even at verbose=0
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager

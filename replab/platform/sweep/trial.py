@@ -124,7 +124,7 @@ def fit_ray_train(cfg: RunConfig, name: str, train_data, run_id: str):
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from replab.platform.train.ray_train import ray_train_fn
+    from replab.platform.train.ray_train import ray_train_fn, train_logging_config
 
     loop_config = {"config": cell_raw(cfg), "num_rows": train_data.num_rows,
                    "shuffle_buffer": train_data.shuffle_buffer, "skip_counter": train_data.counter_name,
@@ -140,6 +140,7 @@ def fit_ray_train(cfg: RunConfig, name: str, train_data, run_id: str):
             name=name, storage_path=cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=train_logging_config(),
             callbacks=[TuneReportCallback()],
         ),
         datasets={"train": train_data.dataset},

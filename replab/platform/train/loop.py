@@ -34,8 +34,8 @@ from replab.methods.base import Method, Progress, Support
 from replab.models.backbones import build_backbone
 from replab.platform.data.augment import make_views
 from replab.platform.probes.frozen import EvalData, autocast_context, evaluate_encoder
-from replab.platform.train import optim
-from replab.platform.train import encoder_init
+from replab.platform.progress import bar
+from replab.platform.train import encoder_init, optim
 from replab.platform.train.checkpoints import load_checkpoint, save_checkpoint
 from replab.platform.train.collapse import CollapseMonitor, embedding_signals
 from replab.validate import from_dict
@@ -381,6 +381,8 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[dict[str, Any], 
     steps_in_epoch = 0
     interval_images, interval_start = 0, time.perf_counter()
     epoch_start = interval_start
+    progress = bar(total=worker.schedule.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
+                   disable=None if worker.is_chief else True)
     for batch in env.batches(epoch, worker.schedule.local_batch):
         if steps_in_epoch >= worker.schedule.steps_per_epoch:
             break
@@ -388,6 +390,7 @@ def train_epoch(worker: Worker, epoch: int, step: int) -> tuple[dict[str, Any], 
         loss_sum += out.loss.detach().float()
         step += 1
         steps_in_epoch += 1
+        progress.update(1)
         interval_images += batch["image"].shape[0] * env.world_size
         if worker.is_chief and step % cfg.train.log_every == 0:
             now = time.perf_counter()

@@ -159,8 +159,20 @@ class RayEnv(WorkerEnv):
         return skips.skipped_count(self.skip_counter) if self.skip_counter else 0
 
 
+def _quiet_worker_reports() -> None:
+    """Keep Ray Train 2.60's per-report INFO lines (``Reporting training result N: TrainingReport(...)``) off the
+    terminal. Its LoggingConfig level misses them: that module's logger is named by its file path, not
+    ``ray.train.*``, so the level filter (``TrainLogLevelFilter``) lets them through."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def ray_train_fn(loop_config: dict[str, Any]) -> None:
     """The function each Ray Train worker runs."""
+    if quiet():
+        _quiet_worker_reports()
     cfg = from_dict(loop_config["config"])
     env = RayEnv(loop_config["shuffle_buffer"], loop_config.get("skip_counter"), loop_config.get("resume_from"),
                  cfg.train.seed if cfg.train.deterministic else None)
@@ -170,7 +182,38 @@ def ray_train_fn(loop_config: dict[str, Any]) -> None:
     train_worker(cfg, env, loop_config["num_rows"], eval_data_fn=lambda: load_eval_data(cfg), logger=logger)
 
 
-def ensure_ray(train_cpus: float = 0.0, quiet: bool = False) -> None:
+QUIET_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.data", "mlflow", "alembic")
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Ray's, Tune's and MLflow's own logging: errors only (``verbose``: all of it, as it comes). Ray's
+    processes inherit the environment set here: no repeated-log dedup notices, no Tune/Train progress reports."""
+    if verbose:
+        return
+    os.environ["REPLAB_QUIET"] = "1"  # read by :func:`train_logging_config` and :func:`fit`
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers, no hint
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints its tables even at verbose=0
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data's plans and notices, in every process
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet() -> bool:
+    """Whether :func:`quiet_logs` turned the libraries' chatter off for this process."""
+    return os.environ.get("REPLAB_QUIET") == "1"
+
+
+def train_logging_config():
+    """Ray Train's own log level: its per-report ``TrainingReport(...)`` and checkpoint lines are INFO, shown only
+    when not :func:`quiet`."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="WARNING" if quiet() else "INFO")
+
+
+def ensure_ray(train_cpus: float = 0.0, quiet: bool = False, worker_output: bool | None = None) -> None:
     """Join the cluster of a ``ray job submit`` (or $RAY_ADDRESS), else start a quiet local instance.
 
     A local instance gets the machine's cores *plus* the train workers' CPU requests as logical CPUs, so
@@ -178,7 +221,7 @@ def ensure_ray(train_cpus: float = 0.0, quiet: bool = False) -> None:
     laptop would hold every CPU and the input pipeline would never be scheduled). It binds loopback wherever
     Ray 2.60 allows it (:func:`local_ray_kwargs`) and keeps token authentication on: its gRPC servers listen on
     every interface whatever the node address, so the token is what keeps other hosts out (README, "What a
-    local run exposes"). ``quiet``: Ray's own logging from errors up, and the workers' output not forwarded to
+    local run exposes"). ``quiet``: Ray's own logging from errors up, and (unless ``worker_output``) the workers' output not forwarded to
     this terminal (``replab sweep`` prints one line per trial; a trial's error reaches it through Tune).
     """
     import ray
@@ -186,8 +229,12 @@ def ensure_ray(train_cpus: float = 0.0, quiet: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train 2.60 tees a worker's print to stdout *and* to its logger when stdout is redirected (always, in a
+    # worker): every epoch line would reach the terminal twice. Workers inherit this from the local instance.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs: dict[str, Any] = dict(logging_level=logging.ERROR if quiet else logging.WARNING,
-                                  log_to_driver=not quiet, configure_logging=True)
+                                  log_to_driver=not quiet if worker_output is None else worker_output,
+                                  configure_logging=True)
     if not os.environ.get("RAY_ADDRESS"):
         kwargs.update(local_ray_kwargs(train_cpus))
     ray.init(**kwargs)
@@ -262,7 +309,7 @@ def _fit_locked(cfg: RunConfig, name: str, parent_run_id: str | None, extra_tags
         if done is not None and done.info.status == "FINISHED":
             return FitResult(name, done.info.run_id, uri, dict(done.data.metrics), checkpoints.latest_checkpoint(run_dir),
                              already_finished=True)
-    ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker)
+    ensure_ray(cfg.train.num_workers * cfg.train.cpus_per_worker, quiet=quiet(), worker_output=True)
     if cfg.tracking.enabled:
         check_tracking_reachable(uri)
     resume = checkpoints.prepare_resume(run_dir)
@@ -327,6 +374,7 @@ def _train(cfg: RunConfig, name: str, run_id: str | None, resumed: bool, resume_
             storage_path=cfg.train.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=train_logging_config(),
         ),
         datasets={"train": train_data.dataset},
         dataset_config=ray.train.DataConfig(
