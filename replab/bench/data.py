@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replab.bench.common import encoded_images, cores, interleaved, write_image_folder
+from replab.bench.common import cores, encoded_images, interleaved, write_image_folder
 
 
 def bench_data(root: str, quick: bool, use_ray: bool, repeats: int) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from replab.bench.common import mib, interleaved, ratio, sync
+from replab.bench.common import interleaved, mib, ratio, sync
 
 
 def fixed_step(overrides: list[str], images: torch.Tensor, *, bf16: bool = False, channels_last: bool = False,

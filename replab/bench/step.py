@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from replab.bench.common import PeakRSS, mib, interleaved, ratio
+from replab.bench.common import PeakRSS, interleaved, mib, ratio
 
 
 def step_overrides(quick: bool, batch: int | None = None, steps: int | None = None) -> list[str]:

@@ -27,7 +27,7 @@ from replab.platform.data import decode as _decode
 from replab.platform.data.indexes import build_index, subset_indices
 from replab.platform.data.plan import Piece, ReadPlan, read_pieces
 from replab.platform.data.skips import SkipCounter
-from replab.platform.data.sources import resolve_for_split, resolve
+from replab.platform.data.sources import resolve, resolve_for_split
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from replab.platform.data import decode as _decode
 from replab.platform.data.datasets import NAMED_DATASETS, DataError, DatasetInfo, data_root, is_uri
 from replab.platform.data.indexes import build_index, subset_indices
 from replab.platform.data.plan import ReadPlan, read_pieces
-from replab.platform.data.sources import filesystem, list_files, split_token, resolve
+from replab.platform.data.sources import filesystem, list_files, resolve, split_token
 
 
 def _available_splits(dataset: str, root: str = "") -> list[str]:

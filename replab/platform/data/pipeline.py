@@ -183,6 +183,20 @@ def ingest_options(deterministic: bool):
     return options
 
 
+def torch_batches(dataset, batch_size: int, *, shuffle_buffer: int | None, shuffle_seed: int | None = None,
+                  epoch: int = 0, rank: int = 0, pin_memory: bool = False):
+    """One epoch of ``dataset`` (a Ray Dataset or a Ray Train shard) as torch batches for the training loop:
+    full batches only, mixed by a trainer-side shuffle buffer of at least two batches (Ray 2.60 yields short
+    batches mid-epoch when the buffer is under two). ``shuffle_seed`` (``train.deterministic``) seeds the buffer
+    per (epoch, rank); None leaves it unseeded."""
+    seed = None if shuffle_seed is None or not shuffle_buffer else shuffle_seed * 1_000_003 + epoch * 1009 + rank
+    yield from dataset.iter_torch_batches(
+        batch_size=batch_size, drop_last=True,
+        local_shuffle_buffer_size=max(shuffle_buffer, 2 * batch_size) if shuffle_buffer else None,
+        local_shuffle_seed=seed, prefetch_batches=2, pin_memory=pin_memory,
+    )
+
+
 def build_train_dataset(cfg, *, window_bytes: int | None = None, deterministic: bool = False) -> TrainData:
     """The training ``ray.data.Dataset`` for ``cfg`` (a :class:`replab.config.DataConfig`).
 

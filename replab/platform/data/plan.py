@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from replab.platform.data.indexes import RowIndex, is_binary, build_index, subset_indices
+from replab.platform.data.indexes import RowIndex, build_index, is_binary, subset_indices
 from replab.platform.data.sources import Source, resolve_for_split
 
 log = logging.getLogger(__name__)

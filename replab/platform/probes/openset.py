@@ -141,8 +141,7 @@ def load_openset_data(
     ``eval.bank_limit``. Test: ``eval.test_split`` (default test / val) of the dataset, ``test_limit`` (default
     ``eval.test_limit``) images. OOD: ``ood_limit`` images of ``ood_dataset``/``ood_split`` (none when empty).
     """
-    from replab.platform.data import arrays, catalog
-    from replab.platform.data import labeled
+    from replab.platform.data import arrays, catalog, labeled
 
     data = cfg.data
     if known_classes is not None:

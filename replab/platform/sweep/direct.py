@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from replab.platform.data import skips
+from replab.platform.data import pipeline, skips
 from replab.platform.train.checkpoints import latest_checkpoint
 from replab.platform.train.loop import WorkerEnv
 
@@ -32,8 +32,11 @@ class TrialEnv(WorkerEnv):
     dataset's :class:`~replab.platform.data.skips.SkipCounter` actor ``skip_counter``."""
 
     def __init__(self, dataset, shuffle_buffer: int | None, checkpoint_root: str | os.PathLike,
-                 device: str | torch.device = "cpu", skip_counter: str | None = None):
+                 device: str | torch.device = "cpu", skip_counter: str | None = None,
+                 shuffle_seed: int | None = None):
         self.dataset = dataset
+        self.shuffle_seed = shuffle_seed
+        """Seed of the shuffle buffer (``train.deterministic``), None: unseeded."""
         self.shuffle_buffer = shuffle_buffer
         self.root = Path(checkpoint_root)
         self.device = torch.device(device)
@@ -41,11 +44,9 @@ class TrialEnv(WorkerEnv):
 
     def batches(self, epoch, batch_size):
         # each call re-executes the pipeline: a new seeded order per epoch, as in a Ray Train worker
-        yield from self.dataset.iter_torch_batches(
-            batch_size=batch_size, drop_last=True,
-            local_shuffle_buffer_size=max(self.shuffle_buffer, 2 * batch_size) if self.shuffle_buffer else None,
-            prefetch_batches=2, pin_memory=self.device.type == "cuda",
-        )
+        yield from pipeline.torch_batches(self.dataset, batch_size, shuffle_buffer=self.shuffle_buffer,
+                                          shuffle_seed=self.shuffle_seed, epoch=epoch,
+                                          pin_memory=self.device.type == "cuda")
 
     def report(self, metrics, checkpoint_dir):
         import ray.tune
@@ -88,7 +89,7 @@ def fit_direct(cfg, checkpoint_root: str, train_data, run_id: str) -> DirectResu
     threads = max(1, int(round(cfg.train.cpus_per_worker)))
     torch.set_num_threads(threads)  # what a Ray Train worker of train.cpus_per_worker CPUs would use
     env = TrialEnv(train_data.dataset, train_data.shuffle_buffer, checkpoint_root, device,
-                   train_data.counter_name)
+                   train_data.counter_name, cfg.train.seed if cfg.train.deterministic else None)
     logger = tracking.RunLogger(cfg.tracking.uri, run_id)
     loop = train_worker(cfg, env, train_data.num_rows, eval_data_fn=lambda: load_eval_data(cfg), logger=logger)
     newest = env.latest_checkpoint()

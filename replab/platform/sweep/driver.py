@@ -26,10 +26,10 @@ from typing import Any
 from replab.config import ConfigError, read_raw
 from replab.platform.sweep import callbacks
 from replab.platform.sweep.callbacks import TrialPrinter, status_callback, trial_dirname
-from replab.platform.sweep.grid import Cell, cell_raw, jsonable, expand, run_labels, runner_of, sweep_dir
+from replab.platform.sweep.grid import Cell, cell_raw, expand, jsonable, run_labels, runner_of, sweep_dir
 from replab.platform.sweep.runs import mark_stale_children, open_parent, retry, trial_table
 from replab.platform.sweep.spec import SweepSpec, parse_spec
-from replab.platform.sweep.trial import json_write, _trial
+from replab.platform.sweep.trial import _trial, json_write
 
 
 def _space(dist: dict[str, Any]):

@@ -131,14 +131,9 @@ class RayEnv(WorkerEnv):
         """Seed of the local shuffle buffer (None: unseeded); each epoch and worker draws from its own."""
 
     def batches(self, epoch, batch_size):
-        seed = None if self.shuffle_seed is None else (self.shuffle_seed * 1_000_003 + epoch * 1009 + self.rank)
-        yield from self.shard.iter_torch_batches(
-            # Ray 2.60 yields short batches mid-epoch when the buffer is under two batches: keep it above.
-            batch_size=batch_size, drop_last=True,
-            local_shuffle_buffer_size=max(self.shuffle_buffer, 2 * batch_size) if self.shuffle_buffer else None,
-            local_shuffle_seed=seed if self.shuffle_buffer else None,
-            prefetch_batches=2, pin_memory=self.device.type == "cuda",
-        )
+        yield from pipeline.torch_batches(self.shard, batch_size, shuffle_buffer=self.shuffle_buffer,
+                                          shuffle_seed=self.shuffle_seed, epoch=epoch, rank=self.rank,
+                                          pin_memory=self.device.type == "cuda")
 
     def report(self, metrics, checkpoint_dir):
         import ray.train
