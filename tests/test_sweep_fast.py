@@ -109,6 +109,27 @@ def test_replab_experiments_open_on_the_model_training_runs_view(tmp_path):
     assert "replab" in tags["mlflow.note.content"]
 
 
+def test_a_trial_resumed_with_nothing_left_to_run_counts_the_steps_its_run_took(tmp_path):
+    """The kill can land after a trial's last checkpoint and before Tune heard of it: on resume the trial restores,
+    runs no step, and its result has no ``step``; the summary reads the steps from the run's logged epochs."""
+    from types import SimpleNamespace
+
+    from replab.platform.sweep.trial import trial_summary
+    from replab.validate import from_dict
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = tracking.open_run(uri, "resumed", "cell", {}, {})
+    logger = tracking.RunLogger(uri, run_id)
+    logger.metrics({"epoch": 1, "train/epoch_time_s": 1.5, "eval/knn_top1": 0.2}, step=4)
+    logger.metrics({"epoch": 2, "train/epoch_time_s": 1.0, "eval/knn_top1": 0.3}, step=8)
+    cfg = from_dict(raw_config({"name": "s"}, tracking={"uri": uri}))
+    compute = {"params": 10, "params_total": 12, "flops_per_step": 100.0}
+    metrics, summary = trial_summary(cfg, run_id, SimpleNamespace(metrics={}), compute, 256, 0.5, time.time())
+    assert metrics["eval/knn_top1"] == 0.3
+    assert summary["compute/steps"] == 8 and summary["compute/images_seen"] == 8 * 32
+    assert summary["compute/train_flops"] == 800.0 and summary["compute/train_time_s"] == 2.5
+
+
 def test_trial_printer_writes_one_line_per_event_and_the_error_in_full():
     lines: list[str] = []
     p = TrialPrinter(3, {"c002-x"}, {"c000-x": "m0.125", "c001-y": "m0.25"}, "eval/knn_top1", echo=lines.append)

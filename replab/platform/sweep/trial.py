@@ -160,7 +160,10 @@ def trial_summary(cfg: RunConfig, run_id: str, result, compute: dict[str, Any], 
         logged = retry(tracking.client(uri).get_run, run_id).data.metrics
         metrics = {**{k: v for k, v in logged.items() if not k.startswith("compute/")}, **metrics}
     epoch_times = retry(tracking.client(uri).get_metric_history, run_id, "train/epoch_time_s")
-    steps = int(metrics.get("step", 0))
+    # each epoch's record is logged at its global step: a resumed trial that had nothing left to run still counts
+    # the steps its run took before the interruption
+    logged_epochs = retry(tracking.client(uri).get_metric_history, run_id, "epoch")
+    steps = max([int(metrics.get("step", 0))] + [m.step for m in logged_epochs])
     summary = {
         "compute/params": compute["params"],
         "compute/params_total": compute["params_total"],
