@@ -3,8 +3,8 @@
     python benchmarks/ropaws_study.py --out docs/ropaws_study_cpu.json            # the 2-core CPU version
     bash benchmarks/ropaws_study_gpu.sh                                           # the GPU version
 
-Stage 1: SimCLR pre-trains a ResNet-18 (CIFAR stem, ``--width``) on an unlabeled CIFAR-10 pool (``--pool``
-images of CIFAR-10 train, every class; once, shared by every seed). Stage 2: for each seed, each pool and
+Stage 1: SimCLR pre-trains a ResNet-18 (CIFAR stem, ``--width``) on unlabeled CIFAR-10 train images
+(``--pretrain-images``, every class; once, shared by every seed). Stage 2: for each seed, each pool and
 each label budget, PAWS and RoPAWS continue from that encoder (``model.init``: only the encoder, new heads)
 on the open-set protocol: 6 known classes (2..7) with ``--labels`` labels each; the pool holds ``--pool``
 images of which a share r in {0, 25, 50, 75 %} comes from the 4 unknown CIFAR-10 classes, or (``tin50``)
@@ -61,13 +61,14 @@ def common(args, seed: int) -> list[str]:
 
 
 def pretrain(args, workdir: Path) -> str:
-    """Stage 1: SimCLR on ``--pool`` CIFAR-10 train images (no labels); returns its last checkpoint folder."""
+    """Stage 1: SimCLR on ``--pretrain-images`` CIFAR-10 train images (no labels; default ``--pool``); returns its
+    last checkpoint folder."""
     root = workdir / "simclr"
     env_probe = LocalEnv(np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1), root)
     if env_probe.latest_checkpoint():
         return env_probe.latest_checkpoint()
     cfg = load_config(None, common(args, 0) + [
-        "method.name=simclr", "data.dataset=cifar10", f"data.limit={args.pool}", f"train.epochs={args.pretrain_epochs}",
+        "method.name=simclr", "data.dataset=cifar10", f"data.limit={args.pretrain_images or args.pool}", f"train.epochs={args.pretrain_epochs}",
         f"train.warmup_epochs={args.warmup_epochs}", "train.checkpoint_every=0"])
     pool = pool_lib.load_unlabeled_arrays(cfg.data)
     env = LocalEnv(pool.images, pool.labels, root, device=args.device, seed=0)
@@ -198,6 +199,7 @@ def parse(argv):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="paws,ropaws")
     parser.add_argument("--pool", type=int, default=2000, help="unlabeled images (stage 1 and every stage-2 pool)")
+    parser.add_argument("--pretrain-images", type=int, default=0, help="stage 1's images (0: --pool)")
     parser.add_argument("--pretrain-epochs", type=int, default=15)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--warmup-epochs", type=float, default=0.3)

@@ -83,7 +83,8 @@ class ModelConfig:
     backbone: str = "resnet18"
     """resnet18/34/50/101, vit_tiny/vit_small/vit_base (see ``replab methods --backbones``)."""
     width: float = 1.0
-    """ResNet width multiplier (1/16 .. 4; every stage keeps at least 8 channels)."""
+    """Width multiplier (1/16 .. 4): of every ResNet stage (at least 8 channels each), or of a ViT's token and MLP
+    width (depth and heads kept; at least 8 per head)."""
     cifar_stem: Literal["auto", "on", "off"] = "auto"
     """3x3 stride-1 stem without max-pool; ``auto`` turns it on at resolution <= 64."""
     patch_size: int | None = None

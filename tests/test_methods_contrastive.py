@@ -535,6 +535,18 @@ def test_swav_queue_fills_then_joins_the_sinkhorn_batch():
     assert torch.isfinite(out.loss)
 
 
+def test_model_width_scales_a_vit_token_width_and_keeps_depth_and_heads():
+    """``model.width`` reaches ViTs too (it was silently ignored): 3 heads of 32 at width 0.5 for ViT-Tiny."""
+    half, full = build_backbone("vit_tiny", 32, width=0.5), build_backbone("vit_tiny", 32)
+    assert (half.out_dim, full.out_dim) == (96, 192)
+    block = half.encoder.layers[0]
+    assert block.self_attention.num_heads == 3 and block.mlp[0].out_features == 384
+    assert len(half.encoder.layers) == len(full.encoder.layers) == 12
+    assert half(torch.zeros(2, 3, 32, 32)).shape == (2, 96)
+    params = [sum(p.numel() for p in build_backbone("vit_tiny", 32, width=w).parameters()) for w in (0.5, 0.75, 1)]
+    assert params[0] < params[1] < params[2]
+
+
 def test_vit_recipes_mocov3_and_dino():
     """MoCo v3 picks its ViT recipe from the backbone; DINO's local crops run through a ViT."""
     vit = build_backbone("vit_tiny", 32)

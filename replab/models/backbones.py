@@ -1,4 +1,4 @@
-"""Encoders: torchvision ResNets (width multiplier, CIFAR stem) and ViTs (tiny/small/base).
+"""Encoders: torchvision ResNets (width multiplier, CIFAR stem) and ViTs (tiny/small/base, width multiplier).
 
 Every backbone maps ``[B, 3, H, W]`` float images to ``[B, out_dim]`` features (the pooled ResNet output or
 the ViT class token) and carries ``out_dim``. ViTs also expose ``patch_size`` and ``tokens(x, keep)`` so that
@@ -137,6 +137,18 @@ def _resize_pos_embedding(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)
 
 
+def vit_spec(name: str, width: float = 1.0) -> ViTSpec:
+    """The ViT ``name`` with its token width (and MLP width) scaled by ``width``, depth and heads kept: the token
+    width is ``heads * round(dim * width / heads)`` (at least 8 per head), so ``vit_tiny`` at width 0.5 has 3 heads
+    of 32 (dim 96, MLP 384)."""
+    spec = VITS[name]
+    if width == 1.0:
+        return spec
+    per_head = max(8, int(round(spec.dim * width / spec.heads)))
+    dim = per_head * spec.heads
+    return ViTSpec(spec.layers, spec.heads, dim, dim * spec.mlp_dim // spec.dim)
+
+
 def default_patch_size(resolution: int) -> int:
     """4 px patches at 32 px (8x8 tokens), 8 at 64 px, 16 from 96 px up (as in ViT / DeiT at 224)."""
     if resolution <= 32:
@@ -175,7 +187,7 @@ def build_backbone(
         patch = patch_size or default_patch_size(resolution)
         if resolution % patch:
             raise ValueError(f"model.patch_size: {patch} does not divide data.resolution={resolution}")
-        return ViTEncoder(VITS[name], image_size=resolution, patch_size=patch)
+        return ViTEncoder(vit_spec(name, width), image_size=resolution, patch_size=patch)
     raise ValueError(f"model.backbone: {name!r} is not valid; choose one of: {', '.join(BACKBONES)}")
 
 
