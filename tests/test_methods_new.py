@@ -99,15 +99,38 @@ def test_pirl_nce_matches_formula():
     u = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     v = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
     neg = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
-    tau, c = 0.1, 5 / 100
+    tau, c, z = 0.1, 5 / 100, 37.0
 
     def h(a, b):
-        e = math.exp(float(a @ b) / tau)
+        e = math.exp(float(a @ b) / tau) / z
         return e / (e + c)
 
     expected = np.mean([-math.log(h(u[i], v[i])) - sum(math.log(1 - h(neg[j], v[i])) for j in range(5))
                         for i in range(3)])
-    assert pirl_nce(u, v, neg, tau, c).item() == pytest.approx(expected, rel=1e-5)
+    assert pirl_nce(u, v, neg, tau, c, math.log(z)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pirl_fixes_its_partition_function_at_the_first_step_and_starts_near_log_n():
+    """Z = |D| x mean exp(s) over the first step's scores (VISSL's NCEAverage), kept after and checkpointed: the
+    first loss is then ~ log(N + 1) + 1 (positive at chance among N noise draws, negatives' term ~1), not N x 14."""
+    from replab.methods.pirl import log_partition, nce_scores
+
+    method = build("pirl")
+    n, size = method.params.num_negatives, method.params.memory_size
+    g = torch.Generator().manual_seed(0)
+    views = make_views(torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8), method.views(), generator=g)
+    assert torch.isnan(method.log_z)
+    out = method(views)
+    first = float(method.log_z)
+    assert math.isfinite(first) and "log_z" in method.state_dict()
+    assert math.log(n + 1) < out.loss.item() < math.log(n + 1) + 3
+    out.loss.backward()
+    method.update_teacher()
+    method(views)
+    assert float(method.log_z) == first  # fixed after the first step
+    pos, neg = nce_scores(torch.eye(4), torch.eye(4), torch.eye(4), 1.0)
+    expected = math.log(size * (torch.cat([pos, neg.flatten()]).exp().mean().item()))
+    assert log_partition(pos, neg, size).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_fixmatch_cutout_and_threshold():
@@ -150,7 +173,12 @@ def _seeded(method, views, extra):
     return method(views, None, **extra)
 
 
-@pytest.mark.parametrize("name", NEW)
+PIRL_RISES = ("with the reference partition function Z the image term rises over the first steps as every f(v_I) "
+              "and the bank rows it updates align (the image embeddings start nearly identical); docs/RESULTS.md")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PIRL_RISES))
+                                  if n == "pirl" else n for n in NEW])
 def test_a_few_steps_on_cifar_lower_the_loss(name, cifar):
     images = cifar[0]
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -3,9 +3,15 @@ puzzle must embed alike, contrasted against a memory bank of the pool's embeddin
 
     f(v_I)  = normalize(W_f backbone(I))                                     (the image, augmented)
     g(v_It) = normalize(W_g [ W_t backbone(tile_p(1)); ...; W_t backbone(tile_p(9)) ])  (3x3 tiles, random order p)
-    h(u, v) = exp(u . v / tau) / (exp(u . v / tau) + N / |D|)                 (Eq. 3: NCE, noise uniform on the bank)
+    h(u, v) = (exp(u . v / tau) / Z) / (exp(u . v / tau) / Z + N / |D|)       (Eq. 3: NCE, noise uniform on the bank)
     L_NCE(m_I, v) = -log h(m_I, v) - sum_{I' in D_N} log(1 - h(m_I', v))      (Eq. 4; N negatives from the bank)
     L = lambda L_NCE(m_I, g(v_It)) + (1 - lambda) L_NCE(m_I, f(v_I))          (Eq. 5)
+
+Z is the partition function of the model distribution exp(s)/Z over the |D| bank rows, fixed at the first
+training step as |D| x the mean of exp(s) over that step's scores (the reference code: VISSL's ``NCEAverage``
+with ``norm_constant: -1``, after lemniscate's). Eq. 3 of the paper leaves Z out; without it h is ~1 for every
+bank row (exp(1/0.07) ~ 1e6 against N/|D| < 1), the negatives' term dominates, and training collapses (every
+f(v_I) and bank row align: the loss grows to ~N x 14).
 
 m_I is the memory-bank row of image I, an exponential moving average of its past f(v_I):
 m_I <- normalize(0.5 m_I + 0.5 f(v_I)) after each step; the N negatives are bank rows drawn uniformly.
@@ -50,20 +56,35 @@ class PIRLParams:
     tile_fraction: float = 64 / 85
 
 
+def nce_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s_pos [B], s_neg [B, N]): ``anchor . positive / tau`` per row and ``positive . negatives / tau``, in
+    float32."""
+    with torch.autocast(anchor.device.type, enabled=False):
+        pos = (anchor.float() * positive.float()).sum(dim=1) / temperature
+        neg = positive.float() @ negatives.float().T / temperature
+    return pos, neg
+
+
+def log_partition(pos: torch.Tensor, neg: torch.Tensor, memory_size: int) -> torch.Tensor:
+    """log Z = log(|D| x mean of exp(s) over every score of the step), the lemniscate / VISSL estimate."""
+    scores = torch.cat([pos.reshape(-1), neg.reshape(-1)]).detach()
+    return torch.logsumexp(scores, dim=0) - math.log(scores.numel()) + math.log(memory_size)
+
+
 def pirl_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
-             noise_ratio: float) -> torch.Tensor:
+             noise_ratio: float, log_z: float | torch.Tensor = 0.0) -> torch.Tensor:
     """Mean over the batch of Eq. 4 with unit ``anchor`` ``[B, D]`` (the bank rows m_I), ``positive`` ``[B, D]``
     and ``negatives`` ``[N, D]`` (bank rows m_I'), c = N / |D| = ``noise_ratio``:
-    -log h(m_I, v) - sum_n log(1 - h(m_n, v)), with log h = s - logaddexp(s, log c), log(1 - h) = log c -
-    logaddexp(s, log c) for the score s = u . v / tau."""
+    -log h(m_I, v) - sum_n log(1 - h(m_n, v)), with log h = s' - logaddexp(s', log c), log(1 - h) = log c -
+    logaddexp(s', log c) for the normalised score s' = u . v / tau - log Z."""
     log_c = math.log(noise_ratio)
-    with torch.autocast(anchor.device.type, enabled=False):
-        pos = (anchor.float() * positive.float()).sum(dim=1) / temperature  # [B]
-        neg = positive.float() @ negatives.float().T / temperature  # [B, N]
-        c = torch.full_like(pos, log_c)
-        loss_pos = -(pos - torch.logaddexp(pos, c))
-        loss_neg = -(log_c - torch.logaddexp(neg, c.unsqueeze(1))).sum(dim=1)
-        return (loss_pos + loss_neg).mean()
+    pos, neg = nce_scores(anchor, positive, negatives, temperature)
+    pos, neg = pos - log_z, neg - log_z
+    c = torch.full_like(pos, log_c)
+    loss_pos = -(pos - torch.logaddexp(pos, c))
+    loss_neg = -(log_c - torch.logaddexp(neg, c.unsqueeze(1))).sum(dim=1)
+    return (loss_pos + loss_neg).mean()
 
 
 @registry.register
@@ -85,6 +106,7 @@ class PIRL(Method):
         seeded = torch.Generator().manual_seed(0)
         self.register_buffer("memory", F.normalize(torch.randn(p.memory_size, p.proj_dim, generator=seeded), dim=1))
         self.register_buffer("hash_coefficients", hash_coefficients(), persistent=False)
+        self.register_buffer("log_z", torch.tensor(float("nan")))  # log Z, set at the first training step
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def views(self) -> list[ViewSpec]:
@@ -110,8 +132,13 @@ class PIRL(Method):
         m_i = self.memory[ids].float()
         negatives = self.memory[torch.randint(p.memory_size, (p.num_negatives,), device=f.device)]
         ratio = p.num_negatives / p.memory_size
-        loss_jigsaw = pirl_nce(m_i, g, negatives, p.temperature, ratio)
-        loss_image = pirl_nce(m_i, f, negatives, p.temperature, ratio)
+        if torch.isnan(self.log_z) and self.training:
+            log_z = log_partition(*nce_scores(m_i, g, negatives, p.temperature), p.memory_size)
+            every = gather(log_z.view(1))  # one Z on every worker: the mean of theirs
+            self.log_z.copy_(torch.logsumexp(every, dim=0) - math.log(every.numel()))
+        log_z = 0.0 if torch.isnan(self.log_z) else self.log_z
+        loss_jigsaw = pirl_nce(m_i, g, negatives, p.temperature, ratio, log_z)
+        loss_image = pirl_nce(m_i, f, negatives, p.temperature, ratio, log_z)
         loss = p.loss_lambda * loss_jigsaw + (1 - p.loss_lambda) * loss_image
         if self.training:  # applied after the optimizer step
             self._pending = (gather(ids), gather(f.detach()))
