@@ -145,6 +145,135 @@ def test_trial_printer_writes_one_line_per_event_and_the_error_in_full():
     assert p.count == 3
 
 
+# ------------------------------------------------------------------------------------------ one decode per sweep
+
+
+def test_nested_sizes_taken_out_of_one_decode_are_the_rows_each_limit_decodes(data_root, tmp_path, monkeypatch):
+    """Two nested data sizes taken out of one decode (by row id) are exactly what ``load_arrays(limit=n)`` returns,
+    on CIFAR-10 and on a folder with undecodable files (the skipped rows of each subset counted as its own)."""
+    from replab.config import DataConfig
+    from replab.platform.data import arrays
+
+    try:
+        from tests.data_fixtures import build_broken_folder
+    except ImportError:  # rootdir-relative import when tests/ is not a package
+        from data_fixtures import build_broken_folder  # type: ignore[no-redef]
+
+    monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path / "cache"))
+    cifar = DataConfig(dataset="cifar10", root=str(data_root), resolution=32, seed=3)
+    big = arrays.load_rows(cifar, 1000)
+    assert big.num_rows == len(big.images) == 1000 and big.total_rows == 50_000 and big.skipped() == 0
+    for n in (300, 600):
+        images, labels = arrays.load_arrays("cifar10", str(data_root), "train", 32, limit=n, seed=3)
+        rows = big.nested(n)
+        assert rows.num_rows == n and np.array_equal(rows.images, images) and np.array_equal(rows.labels, labels)
+    assert big.nested(1000) is big  # the largest cell reads the decode itself, no copy
+    with pytest.raises(ValueError, match="not inside"):
+        big.nested(2000)
+    again = arrays.load_rows(cifar, 1000)  # from the disk cache: row ids and skips come back with it
+    assert np.array_equal(again.row_ids(), big.row_ids()) and np.array_equal(again.images, big.images)
+
+    folder = DataConfig(dataset=str(build_broken_folder(tmp_path / "broken")), resolution=24, seed=1)
+    whole = arrays.load_rows(folder, None)
+    assert whole.num_rows == 14 and whole.skipped() == 5 and len(whole.images) == 9
+    for n in (6, 10):
+        stats: dict = {}
+        images, labels = arrays.load_arrays(folder.dataset, "", "train", 24, limit=n, seed=1, stats=stats)
+        rows = whole.nested(n)
+        assert np.array_equal(rows.images, images) and np.array_equal(rows.labels, labels)
+        assert rows.skipped() == stats["skipped"] and rows.num_rows == stats["rows"] == n
+
+
+def test_an_array_cache_without_row_ids_is_decoded_again(tmp_path, monkeypatch):
+    from replab.config import DataConfig
+    from replab.platform.data import arrays
+
+    try:
+        from tests.data_fixtures import build_broken_folder
+    except ImportError:
+        from data_fixtures import build_broken_folder  # type: ignore[no-redef]
+
+    monkeypatch.setenv("REPLAB_CACHE_DIR", str(tmp_path / "cache"))
+    folder = DataConfig(dataset=str(build_broken_folder(tmp_path / "broken")), resolution=16)
+    first = arrays.load_rows(folder, None)
+    (meta,) = (tmp_path / "cache" / "arrays").glob("*/meta.json")
+    old = {k: v for k, v in json.loads(meta.read_text()).items() if k not in ("total_rows", "skipped_rows")}
+    meta.write_text(json.dumps(old))  # what a cache written before row ids were kept holds
+    again = arrays.load_rows(folder, None)
+    assert np.array_equal(again.skipped_rows, first.skipped_rows) and again.total_rows == 14
+    assert "total_rows" in json.loads(meta.read_text())
+
+
+def test_direct_cells_that_read_one_decode_are_grouped_and_others_keep_the_ray_data_path():
+    from replab.platform.sweep import shared
+
+    raw = raw_config({"axes": {"data_size": [64, 128, None], "resolution": [32, 64]}})
+    spec, cells = cells_of(raw)
+    groups = shared.share_groups(spec, cells)
+    assert sorted(len(g) for g in groups.values()) == [3, 3]  # one decode per resolution, all sizes in it
+    for group in groups.values():
+        assert len({c.config.data.resolution for c in group}) == 1
+        assert shared.largest_limit([c.config.data.limit for c in group]) is None
+    assert shared.largest_limit([64, 128]) == 128
+    two_workers = cells_of(raw_config({"axes": {"data_size": [64, 128]}}, train={"num_workers": 2}))
+    assert shared.share_groups(*two_workers) == {}  # Ray Train trials
+    uncached = cells_of(raw_config({"axes": {"data_size": [64, 128]}}, data={"cache": "off"}))
+    assert shared.share_groups(*uncached) == {}
+    searched = cells_of(raw_config({"axes": {"data_size": [64]}, "search": {
+        "num_samples": 2, "space": {"data.seed": {"type": "choice", "values": [0, 1]}}}}))
+    assert shared.share_groups(*searched) == {}  # a searched data key changes the decode per trial
+    pool = cells_of(raw_config({"axes": {"data_size": [64]}}, data={"labels_per_class": 2}))
+    assert shared.share_groups(*pool) == {}  # labeled splits and unlabeled pools keep today's path
+    seeds = cells_of(raw_config({"axes": {"data.seed": [0, 1], "data_size": [64]}}))
+    assert len(shared.share_groups(*seeds)) == 2
+
+
+def test_an_in_memory_trial_reports_every_epoch_counts_skips_and_resumes_from_its_checkpoint(data_root, tmp_path,
+                                                                                            monkeypatch, request):
+    """:class:`ArrayTrialEnv`: each epoch reported to Tune with the decode's skip count, checkpoints kept like a
+    Ray-dataset trial's, and a trial killed after an epoch's checkpoint continues from it."""
+    import ray.tune
+    import torch
+
+    from replab.platform.data import arrays
+    from replab.platform.sweep import direct
+    from replab.platform.train.loop import train_worker
+    from replab.validate import from_dict
+
+    images, labels = arrays.load_arrays("cifar10", str(data_root), "train", 32, limit=64, seed=0)
+    rows = arrays.DecodedRows(images, labels, 50_000, 64, 0, np.asarray([7, 9]))
+    reported: list[dict] = []
+
+    def report(metrics):
+        reported.append(metrics)
+        if killed_after and metrics["epoch"] == killed_after:
+            raise KeyboardInterrupt  # the driver is killed once this epoch's checkpoint is in place
+
+    monkeypatch.setattr(ray.tune, "report", report)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as fit_direct does for one CPU: on a busy machine more threads crawl (~100x)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    cfg = from_dict(raw_config({"name": "s"}, train={"epochs": 2, "checkpoint_every": 1, "precision": "fp32"},
+                               eval={"knn": False}))
+    root = tmp_path / "train" / "c000"
+    env = direct.trial_env(cfg, rows, str(root), "cpu")
+    assert isinstance(env, direct.ArrayTrialEnv)
+    order = [b["label"].tolist() for b in env.batches(0, 32)]
+    assert len(order) == 2 and order == [b["label"].tolist() for b in env.batches(0, 32)]  # seeded per epoch
+    assert order != [b["label"].tolist() for b in env.batches(1, 32)]
+
+    killed_after = 1
+    with pytest.raises(KeyboardInterrupt):
+        train_worker(cfg, env, rows.num_rows)
+    assert [r["epoch"] for r in reported] == [1] and reported[0]["data/skipped"] == 2
+    killed_after = None
+    loop = train_worker(cfg, direct.trial_env(cfg, rows, str(root), "cpu"), rows.num_rows)
+    assert [r["epoch"] for r in reported] == [1, 2] and loop.steps == 2 * 2  # epoch 1 not redone
+    assert reported[1]["data/skipped"] == 2
+    assert sorted(p.name for p in root.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_000001",
+                                                                        "checkpoint_epoch_000002"]
+
+
 # ------------------------------------------------------------------------------------------ a real sweep
 
 CHATTER = ("Trial status", "TrainController", "PreemptionWatcher", "TrainingReport", "tensorboard",
@@ -265,6 +394,7 @@ def test_the_terminal_shows_one_line_per_trial_event_and_no_chatter(fast_sweep):
     starts = [line for line in lines if line.split()[0] == "start"]
     assert len(starts) == len(done)
     assert len(lines) <= 4 + len(starts) + len(done), out  # header (3), the trials' lines, the summary
+    assert "2 cell(s) train on 1 decode(s) held in memory" in lines[0]  # decoded once by the driver, shared
     assert len(set(lines)) == len(lines)  # nothing printed twice
 
 

@@ -1,7 +1,9 @@
-"""A source decoded to numpy arrays without Ray (:func:`load_arrays`), for evaluation, tests and benchmarks,
-with an on-disk cache of decoded arrays keyed by what defines them.
+"""A source decoded to numpy arrays without Ray (:func:`load_arrays`), for evaluation, tests, benchmarks and the
+training data a sweep shares between its trials (:func:`load_rows`, :class:`DecodedRows`), with an on-disk cache of
+decoded arrays keyed by what defines them.
 
-Skipped images fill ``stats={"skipped": n, "reasons": {...}, "examples": [...]}``.
+Skipped images fill ``stats={"skipped": n, "reasons": {...}, "examples": [...], "skipped_rows": [row ids],
+"rows": selected rows, "total_rows": rows of the split}``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import tempfile
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,7 @@ def decode_pieces(plan: ReadPlan, resolution: int, num_threads: int | None) -> t
     ok = np.zeros(n, dtype=bool)
     reasons: Counter = Counter()
     examples: list[tuple[str, str]] = []
+    skipped_rows: list[int] = []
     # Jobs: (output offset, pieces), ~decode_batch rows each, so threads share work evenly.
     jobs: list[tuple[int, list[Piece]]] = []
     offset, cur, cur_rows = 0, [], 0
@@ -92,14 +96,17 @@ def decode_pieces(plan: ReadPlan, resolution: int, num_threads: int | None) -> t
             images[start:start + m][mask] = decoded
             if not mask.all():
                 names = table.column("name").to_pylist()
+                row_ids = table.column("row").to_numpy()
                 for i in np.flatnonzero(~mask):
+                    skipped_rows.append(int(row_ids[i]))
                     reasons[_decode.category(why[i])] += 1
                     if len(examples) < SkipCounter.MAX_EXAMPLES:
                         examples.append((names[i], why[i]))
     skipped = int(n - ok.sum())
     if skipped:
         images, labels = images[ok], labels[ok]
-    return images, labels, {"skipped": skipped, "reasons": dict(reasons), "examples": examples}
+    return images, labels, {"skipped": skipped, "reasons": dict(reasons), "examples": examples,
+                            "skipped_rows": sorted(skipped_rows)}
 
 
 def load_arrays(
@@ -120,11 +127,12 @@ def load_arrays(
 
     ``dataset`` is a named dataset, a path/URI, or a :class:`replab.config.DataConfig` (then ``root``,
     columns, ``resolution``, ``limit`` and ``seed`` come from it unless given, and ``download`` is honoured).
-    ``resolution`` defaults to 32. ``limit`` keeps the same nested seeded subset
-    as training. Skipped images are left out; ``stats`` (a dict, filled in) gets ``skipped``, ``reasons`` and
-    ``examples``. Decoded arrays up to 2 GiB are cached under ``$REPLAB_CACHE_DIR`` (default
-    ``~/.cache/replab``)/arrays keyed by the files (size, mtime), split, resolution, limit and seed;
-    ``cache=False`` or ``REPLAB_ARRAY_CACHE=0`` turns that off.
+    ``resolution`` defaults to 32. ``limit`` keeps the same nested seeded subset as training
+    (:func:`~replab.platform.data.indexes.subset_indices`). Skipped images are left out; ``stats`` (a dict,
+    filled in) gets ``skipped``, ``reasons``, ``examples``, ``skipped_rows`` (their row ids), ``rows`` (selected,
+    skipped ones included) and ``total_rows`` (of the split). Decoded arrays up to 2 GiB are cached under
+    ``$REPLAB_CACHE_DIR`` (default ``~/.cache/replab``)/arrays keyed by the files (size, mtime), split,
+    resolution, limit and seed; ``cache=False`` or ``REPLAB_ARRAY_CACHE=0`` turns that off.
     """
     if not isinstance(dataset, str) and hasattr(dataset, "dataset"):
         cfg = dataset
@@ -154,6 +162,8 @@ def load_arrays(
                 labels = np.load(os.path.join(key_path, "labels.npy"))
                 with open(os.path.join(key_path, "meta.json")) as f:
                     result_stats = json.load(f)
+                if "total_rows" not in result_stats or "skipped_rows" not in result_stats:
+                    raise ValueError("an array cache written before row ids were kept")  # decoded again below
                 result_stats["cached"] = True
                 if stats is not None:
                     stats.clear()
@@ -166,6 +176,7 @@ def load_arrays(
     plan = ReadPlan.build(index, selected)
     images, labels, result_stats = decode_pieces(plan, int(resolution), num_threads)
     result_stats["rows"] = plan.num_rows
+    result_stats["total_rows"] = index.total_rows
     if key_path is not None and images.nbytes <= ARRAY_CACHE_MAX_BYTES:
         try:
             os.makedirs(os.path.dirname(key_path), exist_ok=True)
@@ -184,6 +195,66 @@ def load_arrays(
         stats.clear()
         stats.update(result_stats)
     return images, labels
+
+
+@dataclass
+class DecodedRows:
+    """A split decoded at one ``data.limit`` (:func:`load_rows`), placed among the split's rows so that a smaller
+    nested limit can be taken out of it (:meth:`nested`) instead of decoded again.
+
+    Shaped for the training loop like :class:`~replab.platform.data.pipeline.TrainData`: ``num_rows`` (selected
+    rows, skipped ones included) and ``skipped()``."""
+
+    images: np.ndarray
+    """uint8 [n, R, R, 3], in row-id order, skipped rows left out."""
+    labels: np.ndarray
+    total_rows: int
+    """Rows of the split before ``limit``."""
+    limit: int | None
+    seed: int
+    skipped_rows: np.ndarray
+    """Row ids of the selected rows that did not decode (sorted)."""
+
+    @property
+    def num_rows(self) -> int:
+        return self.total_rows if self.limit is None else min(int(self.limit), self.total_rows)
+
+    def skipped(self) -> int:
+        return len(self.skipped_rows)
+
+    def covers(self, limit: int | None) -> bool:
+        """True when every row that ``limit`` selects (same split and seed) is in this decode."""
+        return self.num_rows == self.total_rows or (limit is not None and limit <= self.num_rows)
+
+    def row_ids(self) -> np.ndarray:
+        """The row id of each image (sorted)."""
+        selected = subset_indices(self.total_rows, self.limit, self.seed)
+        return np.setdiff1d(selected, self.skipped_rows, assume_unique=True)
+
+    def nested(self, limit: int | None) -> DecodedRows:
+        """The rows ``data.limit=limit`` selects, taken out of this decode by row id: the same images, labels and
+        skipped rows as :func:`load_arrays` at ``limit`` (:func:`subset_indices` subsets are nested: the first
+        ``limit`` of one seeded permutation). Returns ``self`` when they are all of it (no copy); raises
+        ValueError when ``limit`` selects rows outside this decode."""
+        if not self.covers(limit):
+            raise ValueError(f"limit {limit} is not inside a decode of {self.num_rows} of {self.total_rows} rows")
+        if limit is None or min(int(limit), self.total_rows) == self.num_rows:
+            return self
+        wanted = subset_indices(self.total_rows, limit, self.seed)
+        skipped = np.intersect1d(wanted, self.skipped_rows, assume_unique=True)
+        have = self.row_ids()
+        where = np.searchsorted(have, np.setdiff1d(wanted, skipped, assume_unique=True))
+        return DecodedRows(self.images[where], self.labels[where], self.total_rows, int(limit), self.seed, skipped)
+
+
+def load_rows(data, limit: int | None, **kwargs) -> DecodedRows:
+    """:func:`load_arrays` of the DataConfig ``data`` (its dataset, root, split, resolution, columns and seed) at
+    ``limit`` instead of ``data.limit`` (None: every row), as :class:`DecodedRows`. ``kwargs`` go to
+    :func:`load_arrays` (``cache``, ``num_threads``)."""
+    stats: dict = {}
+    images, labels = load_arrays(dataclasses.replace(data, limit=limit), split=data.split, stats=stats, **kwargs)
+    return DecodedRows(images, labels, int(stats["total_rows"]), limit, int(data.seed),
+                       np.asarray(stats["skipped_rows"], dtype=np.int64))
 
 
 def iterate_batches(

@@ -10,6 +10,10 @@ trials, and an unfinished trial's ``TorchTrainer`` finds its own checkpoints und
 ``<sweep dir>/train/<trial name>``. State lives in ``<train.storage_path>/sweeps/<sweep name>/``. Trials cut
 off by an interrupted sweep are marked KILLED (on the next start when the driver died without a chance to
 mark them).
+
+Before Tune starts, the driver decodes the training images of the direct cells that can hold them in memory once
+per group of cells reading the same decode, and hands them to the trials through the plan
+(:mod:`replab.platform.sweep.shared`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from replab.platform.sweep import callbacks
 from replab.platform.sweep.callbacks import TrialPrinter, status_callback, trial_dirname
 from replab.platform.sweep.grid import Cell, cell_raw, expand, jsonable, run_labels, runner_of, sweep_dir
 from replab.platform.sweep.runs import mark_stale_children, open_parent, retry, trial_table
+from replab.platform.sweep.shared import share_data
 from replab.platform.sweep.spec import SweepSpec, parse_spec
 from replab.platform.sweep.trial import _trial, json_write
 
@@ -127,6 +132,7 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # evaluation may run only at the last epoch
     uri = base.tracking.uri
     check_tracking_reachable(uri)
+    shared, shared_s = share_data(spec, cells)
     Path(folder).mkdir(parents=True, exist_ok=True)
     parent_run_id = open_parent(base, spec, cells, folder, raw)
     if not exists:
@@ -136,11 +142,14 @@ def run_sweep(config_path, overrides=(), resume: bool = False, report: bool = Tr
     plan = {
         "name": spec.name, "dir": folder, "parent_run_id": parent_run_id, "experiment": base.tracking.experiment,
         "save_encoders": spec.save_encoders, "trial_runner": spec.trial_runner,
-        "cells": {c.id: {"config": cell_raw(c.config), "axes": c.axes, "labels": c.labels, "run_label": labels[c.id]}
+        "cells": {c.id: {"config": cell_raw(c.config), "axes": c.axes, "labels": c.labels, "run_label": labels[c.id],
+                         "shared": shared.get(c.id)}
                   for c in cells},
     }
     samples = spec.search.num_samples if spec.search else 1
-    echo(f"sweep {spec.name}: {len(cells)} cells x {samples} trial(s), at most {spec.max_concurrent} at once")
+    echo(f"sweep {spec.name}: {len(cells)} cells x {samples} trial(s), at most {spec.max_concurrent} at once"
+         + (f"; {len(shared)} cell(s) train on {len({s.ref for s in shared.values()})} decode(s) held in memory "
+            f"({shared_s:.1f} s)" if shared else ""))
     echo(f"  state: {folder}")
     echo(f"  MLflow parent run: {parent_run_id} ({uri})" + (f"; {stale} interrupted trial run(s) marked KILLED"
                                                              if stale else ""))

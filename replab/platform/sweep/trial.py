@@ -4,9 +4,11 @@ A one-worker trial (``sweep.trial_runner`` auto or direct) runs the training loo
 (:mod:`replab.platform.sweep.direct`); a trial with several workers builds and fits a Ray Train ``TorchTrainer``
 over :func:`replab.platform.train.ray_train.ray_train_fn` with ``RunConfig(name=<trial name>,
 storage_path=<sweep dir>/train, callbacks=[TuneReportCallback()])``. Either way every epoch's report is a Tune
-iteration (ASHA can stop it) and checkpoints live under ``<sweep dir>/train/<trial name>``. A trial that already
-finished (``trials/<name>/done.json``) only re-reports its result. Every trial records its compute (encoder and
-total parameters, training FLOPs, images seen, training and wall time, accelerator).
+iteration (ASHA can stop it) and checkpoints live under ``<sweep dir>/train/<trial name>``. A direct trial whose
+cell shares the sweep's decode in memory (:mod:`replab.platform.sweep.shared`) trains on its rows of it instead of
+a Ray dataset. A trial that already finished (``trials/<name>/done.json``) only re-reports its result. Every trial
+records its compute (encoder and total parameters, training FLOPs, images seen, training and wall time,
+accelerator).
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from replab.platform.sweep.runs import CELL_TAG, ROLE_TAG, SWEEP_TAG, TRIAL_TAG,
 from replab.validate import from_dict
 
 
-def build_trial_data(cfg: RunConfig):
-    """The training ``TrainData`` of a trial: the same stream ``replab train`` builds (the dataset, or the
-    mixed unlabeled pool of a semi-supervised / open-set config)."""
+def build_trial_data(cfg: RunConfig, shared=None):
+    """The training data of a trial: its rows of the sweep's shared decode (``DecodedRows``) when the driver
+    shared one with its cell (``shared``, a :class:`~replab.platform.sweep.shared.SharedRows`), else the same
+    ``TrainData`` stream ``replab train`` builds (the dataset, or the mixed unlabeled pool of a semi-supervised /
+    open-set config)."""
+    if shared is not None:
+        return shared.rows()
     from replab.platform.train.ray_train import build_train_data
 
     return build_train_data(cfg)
@@ -222,7 +228,7 @@ def _trial(config: dict[str, Any], plan: dict[str, Any] | None = None) -> None:
     mark = time.time()
     compute = trial_compute(folder, cfg)
     phases["compute_count_s"], mark = time.time() - mark, time.time()
-    train_data = build_trial_data(cfg)
+    train_data = build_trial_data(cfg, plan["cells"][config["cell"]].get("shared"))
     phases["dataset_s"], mark = time.time() - mark, time.time()
     run_id = open_trial_run(cfg, config, plan, name, compute, train_data.num_rows)
     logger = tracking.RunLogger(cfg.tracking.uri, run_id)
