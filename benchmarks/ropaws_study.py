@@ -167,6 +167,10 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TITLES = {"snn_top1": "SNN top-1, known classes", "auroc": "AUROC known vs unknown",
+          "pin_auroc_end": "p_in AUROC over the pool, end"}
+
+
 def plot(summary: list[dict], path: str) -> None:
     """Top-1 and AUROC against the out-of-class share (CIFAR pools), PAWS vs RoPAWS, error bars = std."""
     import matplotlib
@@ -185,11 +189,14 @@ def plot(summary: list[dict], path: str) -> None:
                 if pts:
                     x, y, err = zip(*sorted(pts))
                     ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-            ax.set_title(f"{key}, {labels} labels/class")
+            ax.set_title(f"{labels} labels per known class", fontsize=10)
             ax.set_xlabel("out-of-class share of the pool (%)")
-            ax.legend()
+            ax.set_ylabel(TITLES[key])
+            ax.grid(alpha=0.3)
+            ax.legend(title="mean ± std, 3 seeds" if col == 0 else None)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=200)
+    fig.savefig(Path(path).with_suffix(".pdf"))
 
 
 def parse(argv):
