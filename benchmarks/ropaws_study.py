@@ -68,7 +68,8 @@ def pretrain(args, workdir: Path) -> str:
     if env_probe.latest_checkpoint():
         return env_probe.latest_checkpoint()
     cfg = load_config(None, common(args, 0) + [
-        "method.name=simclr", "data.dataset=cifar10", f"data.limit={args.pretrain_images or args.pool}", f"train.epochs={args.pretrain_epochs}",
+        "method.name=simclr", "data.dataset=cifar10", f"data.limit={args.pretrain_images or args.pool}",
+        f"train.epochs={args.pretrain_epochs}",
         f"train.warmup_epochs={args.warmup_epochs}", "train.checkpoint_every=0"])
     pool = pool_lib.load_unlabeled_arrays(cfg.data)
     env = LocalEnv(pool.images, pool.labels, root, device=args.device, seed=0)
@@ -84,7 +85,8 @@ def run_config(method: str, pool_key: str, labels: int, seed: int, init: str, ar
     return common(args, seed) + [
         "data.dataset=cifar10", f"data.known_classes={KNOWN}", f"data.labels_per_class={labels}",
         f"data.split_seed={seed}", "data.unlabeled_exclude_labeled=true", f"data.ood_fraction={ratio}",
-        *([f"data.ood_dataset={source}"] if source else []), f"data.unlabeled_size={args.pool}", f"method.name={method}",
+        *([f"data.ood_dataset={source}"] if source else []), f"data.unlabeled_size={args.pool}",
+        f"method.name={method}",
         f"train.epochs={args.epochs}", f"train.warmup_epochs={args.warmup_epochs}", "train.checkpoint_every=1",
         f"method.support_images_per_class={args.support_per_class}", f"method.n_local_crops={args.local_crops}",
         f"model.init={init}"]
