@@ -67,6 +67,11 @@ def test_fits_that_cannot_support_a_claim_are_flagged():
     assert noisy.flags  # noise around a constant: flat, a CI reaching 0 or a held-out miss, never a clean law
     clean = scaling.fit_power_law(x, scaling.power_law(x, 2.0, 0.4, 0.1), bootstrap=50)
     assert clean.flags == []
+    # a drop between the first two sizes and flat after: the exponent runs to its bound, which says nothing
+    step = scaling.fit_power_law([100, 200, 400, 800, 1600], [0.90, 0.50, 0.50, 0.50, 0.50], bootstrap=20)
+    assert step.b > scaling.STEEP_EXPONENT and "b = 10, the fit's bound: a step, not a power law" in step.flags
+    unpinned = scaling.flags_of([0.9, 0.5, 0.4], 5, 3, {"b": 0.5}, {"b": [0.2, scaling.EXP_MAX]}, None)
+    assert "the 95% CI of b reaches the fit's bound 10: not pinned above" in unpinned
 
 
 def test_joint_fit_recovers_exponents_and_implies_a_compute_optimal_split():

@@ -12,8 +12,9 @@ least squares for each) and keeps the best fit.
 Honest fits. A law is not fitted to fewer distinct sizes than it has parameters (3 for one axis, 5 jointly):
 :class:`NotEnoughPoints` says so instead of an exponent. A fit is *flagged* (``fit.flags``, one short sentence
 each) when it cannot support a claim: as many points as parameters (R^2 = 1 by construction); an exponent at
-its bound 0 (error does not fall with size) or a bootstrap interval reaching 0; no held-out check; a held-out
-error larger than the spread of the measured errors.
+its bound 0 (error does not fall with size) or a bootstrap interval reaching 0; an exponent, or its interval's
+upper end, at the bound ``EXP_MAX`` (the data hold a step, or do not pin the exponent from above); no held-out
+check; a held-out error larger than the spread of the measured errors.
 
 Bootstrap. Points are resampled with replacement ``bootstrap`` times and refitted; the confidence interval
 of each parameter is the percentile interval (default 95%), and the band of the fitted curve is the
@@ -37,6 +38,8 @@ POWER_LAW_PARAMETERS = 3
 JOINT_PARAMETERS = 5
 FLAT_EXPONENT = 1e-3
 """An exponent below this is at its bound 0: the error does not fall with size."""
+STEEP_EXPONENT = 0.99 * EXP_MAX
+"""An exponent above this is at its bound EXP_MAX (the optimiser stops just short of it)."""
 
 
 class NotEnoughPoints(ValueError):
@@ -190,8 +193,12 @@ def flags_of(y, distinct: int, parameters: int, exponents: dict[str, float], ci:
     for name, value in exponents.items():
         if value < FLAT_EXPONENT:
             flags.append(f"{name} = 0: the error does not fall with size")
+        elif value > STEEP_EXPONENT:
+            flags.append(f"{name} = {EXP_MAX:g}, the fit's bound: a step, not a power law")
         elif name in ci and ci[name][0] < FLAT_EXPONENT:
             flags.append(f"the 95% CI of {name} reaches 0")
+        elif name in ci and ci[name][1] > STEEP_EXPONENT:
+            flags.append(f"the 95% CI of {name} reaches the fit's bound {EXP_MAX:g}: not pinned above")
     if heldout is None:
         flags.append("no held-out check (too few sizes)")
     else:
