@@ -34,7 +34,7 @@ What is the same on both sides
   EMA updates; evaluations and replab's checkpoints excluded); img/s = images trained / train_wall_s.
 
 The replab side is not reimplemented: the child calls ``benchmarks/methods_table.py``'s ``main`` with ``--config``
-and ``--methods <m>`` (its SMALL_HEADS CPU variant, LocalEnv + train_worker), only recording the per-epoch records
+and ``--methods <m>`` (the method's ``cpu`` recipe, LocalEnv + train_worker), only recording the per-epoch records
 its LocalEnv receives (for the epoch times); ``total_wall_s`` is methods_table's own ``wall_s``.
 
 The lightly side: lightly's transforms, heads, losses and utilities with the settings of lightly's CIFAR-10 benchmark,
@@ -56,7 +56,7 @@ What differs (each side keeps its own recipe; the numbers compare recipes on one
   0.04; biases and norm weights without weight decay (and without LARS adaptation); linear warm-up over
   train.warmup_epochs = 1 epoch (at most a tenth of the run), then cosine per step to 0.
 - Heads (lightly benchmark widths with the input width set to the encoder's 128 instead of ResNet-18's 512; replab
-  with methods_table.py's SMALL_HEADS). SimCLR: both 2-layer 128 -> 512 (BN, ReLU) -> 128, NT-Xent T 0.5.
+  with the methods' ``cpu`` recipes). SimCLR: both 2-layer 128 -> 512 (BN, ReLU) -> 128, NT-Xent T 0.5.
   BYOL: lightly projection 1024 hidden -> 256, prediction 256 -> 1024 -> 256; replab 512 hidden -> 256, predictor 512
   hidden. SwAV: lightly projection 512 hidden -> 128, 512 prototypes, never frozen; replab 2048 hidden -> 128, 300
   prototypes frozen for the first epoch (both normalise the prototypes every step, T 0.1, Sinkhorn eps 0.05, 3
@@ -523,7 +523,7 @@ def run_replab(method: str, args, cfg) -> dict:
         "images_per_sec": steps * cfg.train.batch_size * len(records) / max(train_wall, 1e-9),
         "total_wall_s": table["wall_s"], "methods_table_row": table,
         "settings": {"path": "benchmarks/methods_table.py --config " + args.config + " --methods " + method,
-                     "small_heads": methods_table.SMALL_HEADS.get(method, [])},
+                     "recipe": table.get("recipe"), "recipe_settings": table.get("recipe_settings")},
     }
 
 

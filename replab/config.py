@@ -97,6 +97,10 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "simclr"
+    recipe: str = "paper"
+    """``paper``: the method's published defaults. Another name picks one of the method's documented variants
+    (its ``recipes``, e.g. ``cpu`` for small batches on a CPU budget): ``section.key=value`` settings applied
+    under the config, so that anything the config sets itself still wins."""
     params: dict[str, Any] = field(default_factory=dict)
     """Method hyper-parameters, written flat in YAML next to ``name`` (validated by the method)."""
 
@@ -186,7 +190,7 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out.pop("source_file")
         method = out.pop("method")
-        out["method"] = {"name": method["name"], **method["params"]}
+        out["method"] = {"name": method["name"], "recipe": method["recipe"], **method["params"]}
         return out
 
     def flat(self) -> dict[str, Any]:
@@ -358,9 +362,10 @@ def parse(raw: dict[str, Any], source_file: str = "") -> RunConfig:
 
     method_raw = dict(raw.get("method") or {})
     method_name = str(method_raw.pop("name", MethodConfig.name))
+    recipe = str(method_raw.pop("recipe", MethodConfig.recipe))
     params_raw = method_raw.pop("params", {}) or {}
     params_raw.update(method_raw)
-    sections["method"] = MethodConfig(name=method_name, params=params_raw)
+    sections["method"] = MethodConfig(name=method_name, recipe=recipe, params=params_raw)
 
     sweep = raw.get("sweep") or {}
     if not isinstance(sweep, dict):

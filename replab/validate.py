@@ -8,11 +8,12 @@ Every failure is one :class:`~replab.config.ConfigError` line naming the key and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any
 
-from replab.config import ConfigError, RunConfig, parse, read_raw
+from replab.config import ConfigError, MethodConfig, RunConfig, apply_override, parse, parse_override, read_raw
 from replab.methods import registry
 from replab.models import backbones
 from replab.platform.data.labeled import validate as validate_semisup
@@ -68,9 +69,38 @@ def check_fits_machine(cfg: RunConfig, cpus: int | None = None, available_gib: f
                           f"but {available_gib:.1f} GiB is available{hint}")
 
 
+def with_recipe(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``method.recipe`` applied under it: each of the recipe's ``section.key=value`` settings
+    (the method's ``recipes``) fills a key the config leaves unset, so the config's own values win. ``paper`` (the
+    default) is the method's published defaults and changes nothing."""
+    method = raw.get("method") if isinstance(raw, dict) else None
+    if not isinstance(method, dict) or str(method.get("recipe", MethodConfig.recipe)) == MethodConfig.recipe:
+        return raw
+    name, recipe = str(method.get("name", MethodConfig.name)), str(method["recipe"])
+    recipes = registry.get(name).recipes
+    if recipe not in recipes:
+        raise ConfigError(f"method.recipe: {recipe!r} is not a recipe of {name}; choose one of: "
+                          f"{', '.join([MethodConfig.recipe, *recipes])}")
+    out = copy.deepcopy(raw)
+    for setting in recipes[recipe]:
+        key, value = parse_override(setting)
+        if not is_set(out, key):
+            apply_override(out, key, value)
+    return out
+
+
+def is_set(raw: dict[str, Any], key: str) -> bool:
+    """Whether the plain config mapping sets ``key`` (``section.key``; a method parameter may also sit under
+    ``method.params``)."""
+    section, name = key.split(".", 1)
+    values = raw.get(section) or {}
+    return name in values or (section == "method" and name in (values.get("params") or {}))
+
+
 def from_dict(raw: dict[str, Any], source_file: str = "") -> RunConfig:
-    """Build and fully validate a :class:`RunConfig` from a plain mapping (as read from YAML)."""
-    return check(parse(raw, source_file))
+    """Build and fully validate a :class:`RunConfig` from a plain mapping (as read from YAML), its method's recipe
+    applied (:func:`with_recipe`)."""
+    return check(parse(with_recipe(raw), source_file))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -138,6 +138,45 @@ def test_every_method_accepts_its_own_defaults():
             registry.validate_params(name, {f.name: f.default for f in dataclasses.fields(cls.Params)})
 
 
+def test_a_recipe_applies_under_the_config(tmp_path):
+    """``method.recipe: cpu`` fills what the config leaves unset; what the config sets (flat or under
+    ``method.params``, in YAML or --set) wins; ``paper`` is the defaults."""
+    paper = load_config(None, ["method.name=byol"])
+    assert paper.method.recipe == "paper" and paper.train.optimizer == "auto"
+    assert paper.method.params["proj_hidden_dim"] == 4096
+    cpu = load_config(None, ["method.name=byol", "method.recipe=cpu"])
+    assert (cpu.train.optimizer, cpu.train.lr, cpu.train.weight_decay) == ("sgd", 0.12, 5e-4)
+    assert cpu.method.params["proj_hidden_dim"] == 512 and cpu.method.params["pred_hidden_dim"] == 512
+    assert cpu.flat()["method.recipe"] == "cpu"
+    path = write(tmp_path, "method: {name: byol, recipe: cpu, proj_hidden_dim: 1024, params: {pred_hidden_dim: 256}}\n"
+                           "train: {lr: 0.3}\n")
+    mine = load_config(path, ["train.weight_decay=1e-4"])
+    assert mine.method.params["proj_hidden_dim"] == 1024 and mine.method.params["pred_hidden_dim"] == 256
+    assert (mine.train.optimizer, mine.train.lr, mine.train.weight_decay) == ("sgd", 0.3, 1e-4)
+    # a re-read of the resolved config (a sweep cell, a resumed run) changes nothing
+    from replab.platform.sweep.grid import cell_raw
+    from replab.validate import from_dict
+
+    assert from_dict(cell_raw(mine)).to_dict() == mine.to_dict()
+
+
+def test_an_unknown_recipe_is_one_line_with_the_choices():
+    with pytest.raises(ConfigError, match=r"^method.recipe: 'gpu' is not a recipe of byol; choose one of: paper, cpu$"):
+        load_config(None, ["method.name=byol", "method.recipe=gpu"])
+    with pytest.raises(ConfigError, match="not a recipe of paws; choose one of: paper$"):
+        load_config(None, ["method.name=paws", "method.recipe=cpu"])
+
+
+def test_every_recipe_validates_and_every_unlabeled_method_has_a_cpu_recipe():
+    from replab.methods import registry
+
+    for name, cls in registry.available().items():
+        for recipe in cls.recipes:
+            load_config(None, [f"method.name={name}", f"method.recipe={recipe}"])
+    needs_labels = {"paws", "ropaws"}  # semi-supervised with a labeled support set per step: no reference-budget row
+    assert [n for n, cls in registry.available().items() if "cpu" not in cls.recipes] == sorted(needs_labels)
+
+
 def test_set_under_a_non_mapping_is_one_line(tmp_path):
     scalar = write(tmp_path, "- just\n- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping of sections, not list"):
@@ -223,6 +262,11 @@ def test_run_name_hash_covers_every_defining_key():
             continue
         if section == "method":
             if field == "name":
+                continue
+            if field == "recipe":  # a recipe's settings are in the hash themselves; the name is not
+                changed = dataclasses.replace(base, method=dataclasses.replace(base.method, recipe="cpu"))
+                if run_name(changed) != name:
+                    unchanged.append(key)
                 continue
             changed = dataclasses.replace(base, method=dataclasses.replace(
                 base.method, params={**base.method.params, field: bump(value)}))

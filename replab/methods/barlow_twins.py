@@ -36,6 +36,8 @@ class BarlowTwins(Method):
     summary = "redundancy reduction: cross-correlation of the two views towards the identity (Zbontar et al. 2021)"
     Params = BarlowTwinsParams
     optimizer = OptimizerDefaults(name="lars", lr=0.2, weight_decay=1.5e-6)
+    recipes = {"cpu": ("method.proj_dim=512", "method.proj_hidden_dim=512")}
+    """cpu: the projector narrowed for a 128-d CPU encoder."""
 
     def __init__(self, backbone, params: BarlowTwinsParams, resolution: int):
         super().__init__(backbone, params, resolution)

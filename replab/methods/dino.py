@@ -87,6 +87,8 @@ class DINO(Method):
     summary = "distillation: student matches a centred, sharpened EMA teacher across multi-crops (Caron et al. 2021)"
     Params = DINOParams
     optimizer = OptimizerDefaults(name="adamw", lr=5e-4, weight_decay=0.04)
+    recipes = {"cpu": ("method.out_dim=1024", "method.n_local_crops=2")}
+    """cpu: fewer outputs for a batch of 128, 2 local crops instead of 8."""
 
     def __init__(self, backbone, params: DINOParams, resolution: int):
         super().__init__(backbone, params, resolution)

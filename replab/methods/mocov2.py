@@ -55,6 +55,8 @@ class MoCoV2(Method):
     summary = "contrastive: InfoNCE against a momentum encoder's keys and a queue of negatives (Chen et al. 2020)"
     Params = MoCoV2Params
     optimizer = OptimizerDefaults(name="sgd", lr=0.03, weight_decay=5e-4)
+    recipes = {"cpu": ("method.proj_hidden_dim=512",)}
+    """cpu: the projector narrowed for a 128-d CPU encoder."""
 
     def __init__(self, backbone, params: MoCoV2Params, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -36,6 +36,8 @@ class SimCLR(Method):
     summary = "contrastive: NT-Xent between two views over the batch (Chen et al. 2020)"
     Params = SimCLRParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.12, weight_decay=5e-4)
+    recipes = {"cpu": ("method.proj_hidden_dim=512",)}
+    """cpu: the projector narrowed for a 128-d CPU encoder (docs/RESULTS.md, the CPU reference budget)."""
 
     def __init__(self, backbone, params: SimCLRParams, resolution: int):
         super().__init__(backbone, params, resolution)

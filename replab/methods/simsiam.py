@@ -36,6 +36,8 @@ class SimSiam(Method):
     summary = "distillation: predict the other view's projection under a stop-gradient (Chen & He 2021)"
     Params = SimSiamParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.03, weight_decay=5e-4)
+    recipes = {"cpu": ()}
+    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: SimSiamParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -74,6 +74,8 @@ class SwAV(Method):
     summary = "clustering: swapped prediction of Sinkhorn codes over prototypes, multi-crop (Caron et al. 2020)"
     Params = SwAVParams
     optimizer = OptimizerDefaults(name="lars", lr=0.6, weight_decay=1e-6)
+    recipes = {"cpu": ("method.num_prototypes=300", "method.n_local_crops=2")}
+    """cpu: 300 prototypes for a batch of 128, 2 local crops instead of 6."""
 
     def __init__(self, backbone, params: SwAVParams, resolution: int):
         super().__init__(backbone, params, resolution)

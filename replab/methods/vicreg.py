@@ -37,6 +37,8 @@ class VICReg(Method):
     summary = "redundancy reduction: variance, invariance and covariance terms on the embeddings (Bardes et al. 2022)"
     Params = VICRegParams
     optimizer = OptimizerDefaults(name="lars", lr=0.2, weight_decay=1e-6)
+    recipes = {"cpu": ("method.proj_dim=512", "method.proj_hidden_dim=512")}
+    """cpu: the projector narrowed for a 128-d CPU encoder."""
 
     def __init__(self, backbone, params: VICRegParams, resolution: int):
         super().__init__(backbone, params, resolution)

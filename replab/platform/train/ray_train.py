@@ -74,6 +74,7 @@ NAME_EXCLUDED = {
     "data.root": "where the named datasets live, not which data (the dataset and split are in the hash)",
     "data.download": "whether a missing dataset may be fetched; the data trained on is the same",
     "train.storage_path": "where checkpoints go",
+    "method.recipe": "a recipe is the settings it applies, which are in the hash themselves",
     "train.name": "an explicit name replaces the derived one",
     "train.max_failures": "how often Ray restarts failed workers; a restart resumes the same run",
     "train.log_every": "how often train/loss is logged; the steps taken are the same",
