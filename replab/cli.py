@@ -212,7 +212,8 @@ def cmd_methods(args) -> int:
     methods = registry.available()
     width = max(len(n) for n in methods)
     for name, cls in methods.items():
-        print(f"{name:<{width}}  {cls.summary}")
+        recipes = f"  [recipes: paper, {', '.join(cls.recipes)}]" if cls.recipes else ""
+        print(f"{name:<{width}}  {cls.summary}{recipes}")
     return 0
 
 
