@@ -109,14 +109,15 @@ def main(argv=None) -> int:
 
 
 def markdown(rows) -> str:
-    lines = ["| method | backbone | kNN top-1 random init | kNN top-1 after | change (points) | loss per epoch | img/s | "
-             "wall s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | backbone | recipe | kNN top-1 random init | kNN top-1 after | change (points) | loss per epoch | "
+             "img/s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | | | | | |")
             continue
         change = 100 * (r["knn_top1"] - r["knn_top1_init"])
-        lines.append(f"| {r['method']} | {r['backbone']} | {r['knn_top1_init']:.3f} | {r['knn_top1']:.3f} | "
+        lines.append(f"| {r['method']} | {r['backbone']} | {r.get('recipe', '')} | {r['knn_top1_init']:.3f} | "
+                     f"{r['knn_top1']:.3f} | "
                      f"{change:+.1f} | {r['loss_curve']} | {r['images_per_sec']:.0f} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
