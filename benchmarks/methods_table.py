@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     root = data_root(args.root)
     if args.config:
         budget = [f"data.root={root}", *args.overrides]
-        base = load_config(args.config, budget)
+        base = load_config(args.config, [o for o in budget if not o.startswith("method.")])  # the budget only
         limit, bank, test = base.data.limit, base.eval.bank_limit or 10000, base.eval.test_limit or 10000
     else:
         budget = [f"train.epochs={args.epochs}", f"train.batch_size={args.batch_size}", "train.warmup_epochs=0",
