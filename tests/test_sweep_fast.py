@@ -130,6 +130,42 @@ def test_a_trial_resumed_with_nothing_left_to_run_counts_the_steps_its_run_took(
     assert summary["compute/train_flops"] == 800.0 and summary["compute/train_time_s"] == 2.5
 
 
+def test_a_sweep_stopped_before_every_trial_started_is_not_marked_done(tmp_path, monkeypatch):
+    """Ctrl-C: Tune's fit returns with the trials it created TERMINATED and the rest never created. The grid must
+    not be marked done (a re-run would then say "already finished" with cells never trained)."""
+    from types import SimpleNamespace
+
+    from ray import tune
+
+    from replab.platform.sweep import driver
+
+    created = []
+
+    class FakeTuner:
+        def __init__(self, *args, **kwargs):
+            created.append(self)
+
+        can_restore = staticmethod(lambda path: False)
+
+        def fit(self):  # 2 of 3 cells ran and finished, then the interrupt
+            for name in ("c000", "c001"):
+                (tmp_path / "trials" / name).mkdir(parents=True, exist_ok=True)
+                (tmp_path / "trials" / name / "done.json").write_text("{}")
+            trials = [SimpleNamespace(status="TERMINATED")] * 2
+            return SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
+
+    monkeypatch.setattr(tune, "Tuner", FakeTuner)
+    spec = SimpleNamespace(search=None, scheduler=None, max_concurrent=1)
+    cells = [SimpleNamespace(id=f"c00{i}") for i in range(3)]
+    (tmp_path / "tune").mkdir()
+    assert driver._fit_tune_jobs(spec, cells, str(tmp_path), None, None, False) is True
+    assert not (tmp_path / "tune" / "grid.done").exists()
+    (tmp_path / "trials" / "c002").mkdir()
+    (tmp_path / "trials" / "c002" / "done.json").write_text("{}")
+    assert driver._fit_tune_jobs(spec, cells, str(tmp_path), None, None, False) is False
+    assert (tmp_path / "tune" / "grid.done").exists() and len(created) == 2
+
+
 def test_trial_printer_writes_one_line_per_event_and_the_error_in_full():
     lines: list[str] = []
     p = TrialPrinter(3, {"c002-x"}, {"c000-x": "m0.125", "c001-y": "m0.25"}, "eval/knn_top1", echo=lines.append)

@@ -293,9 +293,21 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
         states = _trial_states(results)
         if any(s not in ("TERMINATED", "ERROR") for s in states):
             return True
-        if all(s == "TERMINATED" for s in states):
-            (Path(folder) / "tune" / f"{exp_name}.done").touch()
+        if not all(s == "TERMINATED" for s in states):
+            continue  # a failed trial: the sweep ends, and a re-run retries it
+        if _finished_trials(folder, job) < num_samples * (len(cells) if spec.search is None else 1):
+            return True  # interrupted before every trial started (Tune reports only the trials it created)
+        (Path(folder) / "tune" / f"{exp_name}.done").touch()
     return False
+
+
+def _finished_trials(folder: str, job: tuple) -> int:
+    """How many of a Tune experiment's trials finished (``trials/<name>/done.json``): the grid's cells, or a
+    searched cell's samples (named ``<cell>-s<hash>``)."""
+    done = [p.parent.name for p in (Path(folder) / "trials").glob("*/done.json")]
+    if len(job) < 7:  # the grid
+        return sum(1 for name in done if name in set(job[1]["cell"]["grid_search"]))
+    return sum(1 for name in done if name.startswith(f"{job[6].id}-s"))
 
 
 @contextlib.contextmanager
