@@ -582,3 +582,12 @@ def test_dino_schedules():
     assert np.allclose(temps, [0.04, 0.055, 0.07, 0.07])
     assert taus[0] == pytest.approx(0.996) and taus[-1] == pytest.approx(1.0) and taus == sorted(taus)
     assert dino.encoder is dino.teacher_backbone  # the teacher's features are evaluated, as in the paper
+
+
+def test_swav_colour_jitter_strength_scales_the_official_jitter():
+    from replab.methods.swav import swav_views
+
+    official, half = swav_views(32, 2), swav_views(32, 0, jitter=0.5)
+    assert len(official) == 4 and len(half) == 2
+    assert (official[0].brightness, official[0].hue) == (0.8, 0.2)
+    assert (half[0].brightness, half[0].contrast, half[0].saturation, half[0].hue) == (0.4, 0.4, 0.4, 0.1)
