@@ -147,11 +147,11 @@ def test_a_sweep_stopped_before_every_trial_started_is_not_marked_done(tmp_path,
 
         can_restore = staticmethod(lambda path: False)
 
-        def fit(self):  # 2 of 3 cells ran and finished, then the interrupt
+        def fit(self):  # 2 of 3 cells ran and finished, then the interrupt (first fit: the third never created)
             for name in ("c000", "c001"):
                 (tmp_path / "trials" / name).mkdir(parents=True, exist_ok=True)
                 (tmp_path / "trials" / name / "done.json").write_text("{}")
-            trials = [SimpleNamespace(status="TERMINATED")] * 2
+            trials = [SimpleNamespace(status="TERMINATED")] * (2 if len(created) == 1 else 3)
             return SimpleNamespace(_experiment_analysis=SimpleNamespace(trials=trials))
 
     monkeypatch.setattr(tune, "Tuner", FakeTuner)
@@ -160,10 +160,13 @@ def test_a_sweep_stopped_before_every_trial_started_is_not_marked_done(tmp_path,
     (tmp_path / "tune").mkdir()
     assert driver._fit_tune_jobs(spec, cells, str(tmp_path), None, None, False) is True
     assert not (tmp_path / "tune" / "grid.done").exists()
+    # all 3 trials read TERMINATED, but the one the interrupt stopped wrote no done.json
+    assert driver._fit_tune_jobs(spec, cells, str(tmp_path), None, None, False) is True
+    assert not (tmp_path / "tune" / "grid.done").exists()
     (tmp_path / "trials" / "c002").mkdir()
     (tmp_path / "trials" / "c002" / "done.json").write_text("{}")
     assert driver._fit_tune_jobs(spec, cells, str(tmp_path), None, None, False) is False
-    assert (tmp_path / "tune" / "grid.done").exists() and len(created) == 2
+    assert (tmp_path / "tune" / "grid.done").exists() and len(created) == 3
 
 
 def test_trial_printer_writes_one_line_per_event_and_the_error_in_full():

@@ -295,8 +295,11 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
             return True
         if not all(s == "TERMINATED" for s in states):
             continue  # a failed trial: the sweep ends, and a re-run retries it
-        if _finished_trials(folder, job) < num_samples * (len(cells) if spec.search is None else 1):
+        expected = num_samples * (len(cells) if spec.search is None else 1)
+        if len(states) < expected:
             return True  # interrupted before every trial started (Tune reports only the trials it created)
+        if spec.scheduler is None and _finished_trials(folder, job) < expected:
+            return True  # a trial stopped by the interrupt can read TERMINATED; without a scheduler, all must finish
         (Path(folder) / "tune" / f"{exp_name}.done").touch()
     return False
 
