@@ -298,19 +298,17 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
         expected = num_samples * (len(cells) if spec.search is None else 1)
         if len(states) < expected:
             return True  # interrupted before every trial started (Tune reports only the trials it created)
-        if spec.scheduler is None and _finished_trials(folder, job) < expected:
-            return True  # a trial stopped by the interrupt can read TERMINATED; without a scheduler, all must finish
+        if spec.search is None and _finished_trials(folder, job) < expected:
+            return True  # a trial stopped by the interrupt can read TERMINATED; every grid cell must finish
         (Path(folder) / "tune" / f"{exp_name}.done").touch()
     return False
 
 
 def _finished_trials(folder: str, job: tuple) -> int:
-    """How many of a Tune experiment's trials finished (``trials/<name>/done.json``): the grid's cells, or a
-    searched cell's samples (named ``<cell>-s<hash>``)."""
-    done = [p.parent.name for p in (Path(folder) / "trials").glob("*/done.json")]
-    if len(job) < 7:  # the grid
-        return sum(1 for name in done if name in set(job[1]["cell"]["grid_search"]))
-    return sum(1 for name in done if name.startswith(f"{job[6].id}-s"))
+    """How many of the grid's cells finished (``trials/<cell>/done.json``). Searched cells are not counted this
+    way: ASHA stops trials before their end, and two samples with the same values share one folder."""
+    cells = set(job[1]["cell"]["grid_search"])
+    return sum(1 for p in (Path(folder) / "trials").glob("*/done.json") if p.parent.name in cells)
 
 
 @contextlib.contextmanager
