@@ -7,8 +7,8 @@ A method is one small file with a subclass of :class:`Method`, registered with
   ``method`` section: ``--set method.temperature=0.2``);
 - ``optimizer``: its published optimizer, base learning rate (for a batch of 256) and weight decay;
 - optionally ``recipes``: named, documented variants of those defaults as ``section.key=value`` settings
-  (``method.recipe: cpu``: narrower heads and the optimizer that learns at a small batch on a CPU budget), each
-  one measured in ``docs/RESULTS.md``; the paper's defaults stay the default;
+  (``method.recipe: cpu``: narrower heads and the optimizer that learns at a small batch on a CPU budget; by
+  default ``cpu`` changes nothing), each one measured in ``docs/RESULTS.md``; the paper's defaults stay the default;
 - ``views()``: the augmented views the platform must produce for each image (:class:`ViewSpec`);
 - heads built in ``__init__`` on top of the backbone it is given;
 - ``forward(views, labels)``: the loss (and metrics to log) for one batch;
@@ -99,8 +99,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     """One line for ``replab methods``: family, paper and year."""
     Params: ClassVar[type] = type("Params", (), {})
     optimizer: ClassVar[OptimizerDefaults] = OptimizerDefaults()
-    recipes: ClassVar[dict[str, tuple[str, ...]]] = {}
-    """Named variants of the defaults (``method.recipe``), applied under the run's own config."""
+    recipes: ClassVar[dict[str, tuple[str, ...]]] = {"cpu": ()}
+    """Named variants of the defaults (``method.recipe``), applied under the run's own config. ``cpu`` with no
+    settings: the published defaults already fit the CPU reference budget; a method that needs narrower heads or
+    another optimizer there overrides it."""
     find_unused_parameters: ClassVar[bool] = False
     """Set when some parameters get no gradient in some steps (DDP must be told)."""
 

@@ -108,8 +108,6 @@ class Colorization(Method):
     summary = "pretext: predict quantised ab colours from lightness, class-rebalanced (Zhang et al. 2016)"
     Params = ColorizationParams
     optimizer = OptimizerDefaults(name="adamw", lr=1.92e-4, weight_decay=1e-3, betas=(0.9, 0.99))
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: ColorizationParams, resolution: int):
         super().__init__(backbone, params, resolution)

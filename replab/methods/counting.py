@@ -61,8 +61,6 @@ class Counting(Method):
     summary = "pretext: counts of the downsampled image = sum of its tiles' counts (Noroozi et al. 2017)"
     Params = CountingParams
     optimizer = OptimizerDefaults(name="adamw", lr=1e-4, weight_decay=1e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: CountingParams, resolution: int):
         super().__init__(backbone, params, resolution)

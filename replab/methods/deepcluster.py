@@ -89,8 +89,6 @@ class DeepCluster(Method):
     summary = "clustering: k-means pseudo-labels of a memory bank every epoch, centroid classifier (Caron et al. 2018/2020)"
     Params = DeepClusterParams
     optimizer = OptimizerDefaults(name="lars", lr=0.3, weight_decay=1e-6)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: DeepClusterParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -58,8 +58,6 @@ class Exemplar(Method):
     summary = "instance discrimination: every image its own class, memory-bank softmax (Dosovitskiy 2014, Wu 2018)"
     Params = ExemplarParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.03, weight_decay=5e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: ExemplarParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -84,8 +84,6 @@ class FixMatch(Method):
     summary = "semi-supervised: confident weak-view pseudo-labels supervise strong views (Sohn et al. 2020)"
     Params = FixMatchParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.017, weight_decay=5e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: FixMatchParams, resolution: int):
         super().__init__(backbone, params, resolution)

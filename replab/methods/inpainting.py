@@ -100,8 +100,6 @@ class Inpainting(Method):
     summary = "pretext: reconstruct a masked region from its context (Pathak et al. 2016)"
     Params = InpaintingParams
     optimizer = OptimizerDefaults(name="adamw", lr=8e-4, weight_decay=0.0, betas=(0.5, 0.999))
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: InpaintingParams, resolution: int):
         super().__init__(backbone, params, resolution)

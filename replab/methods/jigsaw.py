@@ -93,8 +93,6 @@ class Jigsaw(Method):
     summary = "pretext: which of N permutations shuffled the 3x3 tiles (Noroozi & Favaro 2016)"
     Params = JigsawParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.01, weight_decay=5e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: JigsawParams, resolution: int):
         super().__init__(backbone, params, resolution)

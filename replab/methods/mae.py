@@ -79,8 +79,6 @@ class MAE(Method):
     summary = "masked image modelling: reconstruct masked patches from the visible ones (He et al. 2022)"
     Params = MAEParams
     optimizer = OptimizerDefaults(name="adamw", lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95))
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: MAEParams, resolution: int):
         if not is_vit(backbone):

@@ -65,8 +65,6 @@ class MoCoV3(Method):
     summary = "contrastive: symmetric InfoNCE against a momentum encoder's in-batch keys (Chen, Xie & He 2021)"
     Params = MoCoV3Params
     optimizer = OptimizerDefaults(name="lars", lr=0.6, weight_decay=1e-6)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: MoCoV3Params, resolution: int):
         super().__init__(backbone, params, resolution)

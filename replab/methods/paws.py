@@ -84,6 +84,9 @@ class PAWS(Method):
     summary = "semi-supervised: soft nearest neighbours over labeled supports, cross-view targets (Assran et al. 2021)"
     Params = PAWSParams
     optimizer = OptimizerDefaults(name="lars", lr=3.2, weight_decay=1e-6)
+    recipes = {}
+    """No ``cpu`` recipe: every step needs a labeled support set, which the CPU reference budget does not have
+    (RoPAWS inherits this)."""
     ropaws = False
 
     def __init__(self, backbone, params: PAWSParams, resolution: int):

@@ -93,8 +93,6 @@ class PIRL(Method):
     summary = "contrastive: image vs its jigsaw tiles, NCE against a memory bank (Misra & van der Maaten 2020)"
     Params = PIRLParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.03, weight_decay=1e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: PIRLParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -72,8 +72,6 @@ class RelativePatch(Method):
     summary = "pretext: which of 8 neighbours a patch is relative to the centre (Doersch et al. 2015)"
     Params = RelativePatchParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.1, weight_decay=5e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: RelativePatchParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -28,8 +28,6 @@ class RotNet(Method):
     summary = "pretext: 4-way rotation classification (Gidaris et al. 2018)"
     Params = RotNetParams
     optimizer = OptimizerDefaults(name="sgd", lr=0.1, weight_decay=5e-4)
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: RotNetParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -86,8 +86,6 @@ class SplitBrain(Method):
     summary = "pretext: two half-networks predict L -> ab and ab -> L, features concatenated (Zhang et al. 2017)"
     Params = SplitBrainParams
     optimizer = OptimizerDefaults(name="adamw", lr=1.92e-4, weight_decay=1e-3, betas=(0.9, 0.99))
-    recipes = {"cpu": ()}
-    """cpu: the published defaults already fit the CPU reference budget."""
 
     def __init__(self, backbone, params: SplitBrainParams, resolution: int):
         super().__init__(backbone, params, resolution)

@@ -298,17 +298,16 @@ def _fit_tune_jobs(spec: SweepSpec, cells: list[Cell], folder: str, trainable, c
         expected = num_samples * (len(cells) if spec.search is None else 1)
         if len(states) < expected:
             return True  # interrupted before every trial started (Tune reports only the trials it created)
-        if spec.search is None and _finished_trials(folder, job) < expected:
+        if spec.search is None and _finished_cells(folder, cells) < expected:
             return True  # a trial stopped by the interrupt can read TERMINATED; every grid cell must finish
         (Path(folder) / "tune" / f"{exp_name}.done").touch()
     return False
 
 
-def _finished_trials(folder: str, job: tuple) -> int:
+def _finished_cells(folder: str, cells: list[Cell]) -> int:
     """How many of the grid's cells finished (``trials/<cell>/done.json``). Searched cells are not counted this
     way: ASHA stops trials before their end, and two samples with the same values share one folder."""
-    cells = set(job[1]["cell"]["grid_search"])
-    return sum(1 for p in (Path(folder) / "trials").glob("*/done.json") if p.parent.name in cells)
+    return sum(1 for cell in cells if (Path(folder) / "trials" / cell.id / "done.json").exists())
 
 
 @contextlib.contextmanager
