@@ -50,9 +50,9 @@ def cifar() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(images)[order]), torch.tensor(labels)[order]
 
 
-def build(name: str):
+def build(name: str, **params):
     torch.manual_seed(0)
-    return registry.build(name, SMALL[name], build_backbone("resnet18", 32, width=0.125), 32)
+    return registry.build(name, {**SMALL[name], **params}, build_backbone("resnet18", 32, width=0.125), 32)
 
 
 def test_registered_and_listed():
@@ -108,6 +108,27 @@ def test_pirl_nce_matches_formula():
     expected = np.mean([-math.log(h(u[i], v[i])) - sum(math.log(1 - h(neg[j], v[i])) for j in range(5))
                         for i in range(3)])
     assert pirl_nce(u, v, neg, tau, c, math.log(z)).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_pirl_info_nce_is_the_softmax_of_the_positive_and_needs_no_partition_function():
+    """VISSL's ``loss_type: cross_entropy``: -log(e^{s_+} / (e^{s_+} + sum_n e^{s_n})), s = u . v / tau; Z unused."""
+    from replab.methods.pirl import pirl_info_nce
+
+    torch.manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(3, 8), dim=1)
+    neg = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    tau = 0.1
+    expected = np.mean([-float(u[i] @ v[i]) / tau + math.log(math.exp(float(u[i] @ v[i]) / tau) + sum(
+        math.exp(float(neg[j] @ v[i]) / tau) for j in range(5))) for i in range(3)])
+    assert pirl_info_nce(u, v, neg, tau).item() == pytest.approx(expected, rel=1e-5)
+    method = build("pirl", loss="cross_entropy")
+    n = method.params.num_negatives
+    views = make_views(torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8), method.views(),
+                       generator=torch.Generator().manual_seed(0))
+    out = method(views)
+    assert torch.isnan(method.log_z)  # never estimated
+    assert abs(out.loss.item() - math.log(n + 1)) < 1.0  # a random bank: the positive at chance among N + 1
 
 
 def test_pirl_fixes_its_partition_function_at_the_first_step_and_starts_near_log_n():

@@ -23,7 +23,11 @@ Tiles: Jigsaw's (:mod:`replab.methods.jigsaw`): a 3 x 3 grid of cells, one tile 
 random place in each (64 px tiles from 85 px cells of a 255 px crop in the paper), each normalised by its
 own statistics. The paper's per-tile augmentation (independent colour jitter and flips per tile) is not done.
 
-Defaults (the paper): tau 0.07, lambda 0.5, 32,000 negatives, bank momentum 0.5, 128-d embeddings, SGD lr
+``loss="cross_entropy"`` is the reference code's other loss (VISSL ``loss_type: cross_entropy``, "InfoNCE"): the
+softmax cross entropy of the positive among itself and the N negatives, -log(exp(s_pos) / (exp(s_pos) +
+sum_n exp(s_n))) with s = u . v / tau, which needs no partition function.
+
+Defaults (the paper): NCE, tau 0.07, lambda 0.5, 32,000 negatives, bank momentum 0.5, 128-d embeddings, SGD lr
 0.12 at batch 1024 (0.03 per 256), weight decay 1e-4. CPU variant: ``num_negatives=4096 memory_size=8192``.
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,8 @@ class PIRLParams:
     memory_momentum: float = 0.5
     proj_dim: int = 128
     tile_fraction: float = 64 / 85
+    loss: Literal["nce", "cross_entropy"] = "nce"
+    """The paper's NCE (Eq. 4) or the reference code's InfoNCE alternative (softmax over positive + negatives)."""
 
 
 def nce_scores(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
@@ -85,6 +92,14 @@ def pirl_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
     loss_pos = -(pos - torch.logaddexp(pos, c))
     loss_neg = -(log_c - torch.logaddexp(neg, c.unsqueeze(1))).sum(dim=1)
     return (loss_pos + loss_neg).mean()
+
+
+def pirl_info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Mean over the batch of -log softmax(s)_0 over s = [m_I . v, m_n . v for the N negatives] / tau."""
+    pos, neg = nce_scores(anchor, positive, negatives, temperature)
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
 @registry.register
@@ -131,20 +146,25 @@ class PIRL(Method):
         g = self.jigsaw_embedding(views[1])
         m_i = self.memory[ids].float()
         negatives = self.memory[torch.randint(p.memory_size, (p.num_negatives,), device=f.device)]
-        ratio = p.num_negatives / p.memory_size
-        if torch.isnan(self.log_z) and self.training:
-            log_z = log_partition(*nce_scores(m_i, g, negatives, p.temperature), p.memory_size)
-            every = gather(log_z.view(1))  # one Z on every worker: the mean of theirs
-            self.log_z.copy_(torch.logsumexp(every, dim=0) - math.log(every.numel()))
-        log_z = 0.0 if torch.isnan(self.log_z) else self.log_z
-        loss_jigsaw = pirl_nce(m_i, g, negatives, p.temperature, ratio, log_z)
-        loss_image = pirl_nce(m_i, f, negatives, p.temperature, ratio, log_z)
+        loss_jigsaw, loss_image = (self.bank_loss(m_i, v, negatives) for v in (g, f))
         loss = p.loss_lambda * loss_jigsaw + (1 - p.loss_lambda) * loss_image
         if self.training:  # applied after the optimizer step
             self._pending = (gather(ids), gather(f.detach()))
         metrics = {"loss_jigsaw": loss_jigsaw.detach(), "loss_image": loss_image.detach(),
                    "image_jigsaw_cos": (f * g).sum(dim=1).mean().detach()}
         return StepOutput(loss, metrics=metrics, embeddings=f.detach())
+
+    def bank_loss(self, m_i: torch.Tensor, v: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """L(m_I, v): the paper's NCE (Z fixed at the first training step) or InfoNCE (``loss``)."""
+        p = self.params
+        if p.loss == "cross_entropy":
+            return pirl_info_nce(m_i, v, negatives, p.temperature)
+        if torch.isnan(self.log_z) and self.training:
+            log_z = log_partition(*nce_scores(m_i, v, negatives, p.temperature), p.memory_size)
+            every = gather(log_z.view(1))  # one Z on every worker: the mean of theirs
+            self.log_z.copy_(torch.logsumexp(every, dim=0) - math.log(every.numel()))
+        log_z = 0.0 if torch.isnan(self.log_z) else self.log_z
+        return pirl_nce(m_i, v, negatives, p.temperature, p.num_negatives / p.memory_size, log_z)
 
     @torch.no_grad()
     def update_teacher(self) -> None:

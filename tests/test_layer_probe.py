@@ -1,0 +1,50 @@
+"""``benchmarks/layer_probe.py``: kNN per ResNet stage, at the run's own random init and at the checkpoint's weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from replab.platform.train.loop import build_method
+from replab.validate import load_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_probe.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("layer_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_rebuilds_the_seeded_init_and_reads_every_stage_of_the_checkpoint(data_root, tmp_path):
+    layer_probe = load_script()
+    cfg = load_config(None, [f"data.root={data_root}", "model.width=0.125", "model.cifar_stem=true",
+                             "eval.bank_limit=300", "eval.test_limit=100", "method.name=simclr"])
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg)
+    with torch.no_grad():  # "training" changed layer4 only: its output is now the same for every image
+        for param in method.encoder.layer4.parameters():
+            param.zero_()
+    (tmp_path / "checkpoint_epoch_000001").mkdir()
+    torch.save({"method": method.state_dict(), "config": cfg.to_dict(), "epoch": 1},
+               tmp_path / "checkpoint_epoch_000001" / "state.pt")
+
+    row = layer_probe.probe(tmp_path / "checkpoint_epoch_000001", str(data_root))
+
+    assert set(row["init"]) == set(row["trained"]) == set(layer_probe.STAGES)
+    for stage in ("stem", "layer1", "layer2", "layer3"):  # the same weights as the seeded init
+        assert row["trained"][stage] == row["init"][stage]
+    assert all(0.0 <= v <= 1.0 for v in row["init"].values())
+    images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8).numpy()
+    assert layer_probe.stage_features(method.encoder, images)["layer4"].std(dim=0).max() == 0
+    assert "layer4" in layer_probe.markdown([row])
+
+
+def test_an_unreadable_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
+    assert load_script().main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
