@@ -209,6 +209,17 @@ def test_mae_masking_and_patch_order():
         registry.build("mae", {}, build_backbone("resnet18", 32), 32)
 
 
+def test_exemplar_hue_reaches_its_view_and_is_range_checked():
+    from replab.config import ConfigError
+    from replab.validate import load_config
+
+    backbone = build_backbone("resnet18", 32, width=0.125)
+    assert registry.build("exemplar", dict(hue=0.1), backbone, 32).views()[0].hue == 0.1
+    assert registry.build("exemplar", {}, backbone, 32).views()[0].hue == 0.4  # Wu et al.'s CIFAR code
+    with pytest.raises(ConfigError, match=r"^method.hue: 0.7 is not valid; expected a number in \[0, 0.5\]$"):
+        load_config(None, ["method.name=exemplar", "method.hue=0.7"])
+
+
 def test_exemplar_ids_are_stable_and_spread(cifar):
     method = registry.build("exemplar", dict(memory_size=50000), build_backbone("resnet18", 32, width=0.25), 32)
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ update uses the batches of every worker (gathered), so all workers hold the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ class ExemplarParams:
     memory_momentum: float = 0.5
     proj_dim: int = 128
     rotate_degrees: float = 20.0
+    hue: float = field(default=0.4, metadata={"range": (0.0, 0.5, False)})
+    """Colour jitter's hue range (Wu et al.'s CIFAR code: 0.4, always applied; MoCo v2 / PIRL: 0.1 with p 0.8)."""
 
 
 @registry.register
@@ -70,8 +72,9 @@ class Exemplar(Method):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def views(self) -> list[ViewSpec]:
+        p = self.params
         heavy = ViewSpec(size=self.resolution, scale=(0.2, 1.0), jitter_p=1.0, brightness=0.4, contrast=0.4,
-                         saturation=0.4, hue=0.4, grayscale_p=0.2, rotate_degrees=self.params.rotate_degrees)
+                         saturation=0.4, hue=p.hue, grayscale_p=0.2, rotate_degrees=p.rotate_degrees)
         return [heavy, ViewSpec.plain(self.resolution)]  # the plain view only identifies the image
 
     @torch.no_grad()
