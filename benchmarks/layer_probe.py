@@ -50,13 +50,30 @@ def stage_features(encoder: nn.Module, images, batch_size: int = 500) -> dict[st
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def probe(folder: Path, root: str) -> dict:
+@torch.no_grad()
+def recalibrate_batchnorm(encoder: nn.Module, images, batch_size: int = 500) -> None:
+    """Re-estimate every BatchNorm layer's running mean and variance on ``images`` (uint8 ``[N, H, W, 3]``): reset,
+    then a cumulative average over forward passes in train mode. A method trained on tiles or patches has
+    statistics of tiles; this gives it those of whole images, so the probe tells a statistics mismatch apart from
+    features that were not learnt."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    encoder.train()
+    for start in range(0, len(images), batch_size):
+        encoder(normalize(resize(to_float(torch.as_tensor(images[start : start + batch_size])), 32)))
+    encoder.eval()
+
+
+def probe(folder: Path, root: str, recalibrate: bool = False) -> dict:
     state = load_checkpoint(folder)
     cfg = from_dict(state["config"])
     bank_x, bank_y = load_arrays(cfg.data.dataset, root, "train", 32, limit=cfg.eval.bank_limit or 10000, seed=1)
     test_x, test_y = load_arrays(cfg.data.dataset, root, "test", 32, limit=cfg.eval.test_limit or 10000, seed=0)
     bank_y, test_y = torch.as_tensor(bank_y), torch.as_tensor(test_y)
-    row = {"method": cfg.method.name, "checkpoint": str(folder), "epoch": state.get("epoch")}
+    row = {"method": cfg.method.name, "method_config": state["config"]["method"], "checkpoint": str(folder),
+           "epoch": state.get("epoch")}
     torch.manual_seed(cfg.train.seed)  # the run's own random init (build_worker seeds the same way)
     method = build_method(cfg)
     if is_vit(method.encoder):
@@ -64,8 +81,11 @@ def probe(folder: Path, root: str) -> dict:
     for label, weights in (("init", None), ("trained", state["method"])):
         if weights is not None:
             method.load_state_dict(weights)
+        if recalibrate:
+            recalibrate_batchnorm(method.encoder, bank_x)
         bank, test = stage_features(method.encoder, bank_x), stage_features(method.encoder, test_x)
         row[label] = {s: knn_top1(bank[s], bank_y, test[s], test_y, 10) for s in STAGES}
+    row["batchnorm"] = "re-estimated on the bank images" if recalibrate else "as trained"
     print(json.dumps(row), flush=True)
     return row
 
@@ -85,11 +105,13 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders holding state.pt")
     parser.add_argument("--root", default="")
     parser.add_argument("--out", default="")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="re-estimate BatchNorm statistics on the bank images before reading the features")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     root = data_root(args.root)
     try:
-        rows = [probe(folder, root) for folder in args.checkpoints]
+        rows = [probe(folder, root, args.recalibrate_bn) for folder in args.checkpoints]
     except CheckpointError as exc:
         print(f"layer_probe: {exc}", file=sys.stderr)
         return 2

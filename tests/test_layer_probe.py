@@ -48,3 +48,19 @@ def test_an_unreadable_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "state.pt").write_bytes(b"not a checkpoint")
     assert load_script().main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_the_images_it_saw():
+    """One batch: bn1's running mean is then exactly the per-channel mean of conv1's output over those images."""
+    from replab.models.backbones import build_backbone
+    from replab.platform.data.augment import normalize, resize, to_float
+
+    layer_probe = load_script()
+    torch.manual_seed(0)
+    encoder = build_backbone("resnet18", 32, width=0.125, cifar_stem=True)
+    images = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
+    layer_probe.recalibrate_batchnorm(encoder, images, batch_size=64)
+    with torch.no_grad():
+        conv = encoder.conv1(normalize(resize(to_float(torch.as_tensor(images)), 32)))
+    assert torch.allclose(encoder.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not encoder.training
