@@ -20,12 +20,17 @@ def load_script():
     return module
 
 
+def seeded_method(data_root, *overrides):
+    """The run's method at its seeded random init, as ``layer_probe.probe`` rebuilds it, and its config."""
+    cfg = load_config(None, [f"data.root={data_root}", "eval.test_limit=100", *overrides])
+    torch.manual_seed(cfg.train.seed)
+    return build_method(cfg), cfg
+
+
 def test_probe_rebuilds_the_seeded_init_and_reads_every_stage_of_the_checkpoint(data_root, tmp_path):
     layer_probe = load_script()
-    cfg = load_config(None, [f"data.root={data_root}", "model.width=0.125", "model.cifar_stem=true",
-                             "eval.bank_limit=300", "eval.test_limit=100", "method.name=simclr"])
-    torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg)
+    method, cfg = seeded_method(data_root, "model.width=0.125", "model.cifar_stem=true", "eval.bank_limit=300",
+                                "method.name=simclr")
     with torch.no_grad():  # "training" changed layer4 only: its output is now the same for every image
         for param in method.encoder.layer4.parameters():
             param.zero_()
@@ -64,3 +69,29 @@ def test_recalibrated_batchnorm_holds_the_statistics_of_the_images_it_saw():
         conv = encoder.conv1(normalize(resize(to_float(torch.as_tensor(images)), 32)))
     assert torch.allclose(encoder.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-5)
     assert not encoder.training
+
+
+def test_a_vit_is_read_after_each_quarter_of_its_blocks_and_its_last_class_token_is_the_platforms(data_root, tmp_path):
+    layer_probe = load_script()
+    method, cfg = seeded_method(data_root, "model.backbone=vit_tiny", "model.width=0.25", "eval.bank_limit=200",
+                                "method.name=mae")
+    depth = len(method.encoder.encoder.layers)
+    with torch.no_grad():  # "training" changed the last block only
+        for param in method.encoder.encoder.layers[-1].parameters():
+            param.add_(torch.randn_like(param))
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"method": method.state_dict(), "config": cfg.to_dict(), "epoch": 1}, tmp_path / "ckpt" / "state.pt")
+
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8).numpy()
+    features = layer_probe.vit_block_features(method.encoder, images)
+    marks = sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+    assert set(features) == {f"block{i} {kind}" for i in marks for kind in ("cls", "mean")}
+    from replab.platform.data.augment import normalize, resize, to_float
+    with torch.no_grad():
+        platform = method.encoder(normalize(resize(to_float(torch.as_tensor(images)), 32)))
+    torch.testing.assert_close(features[f"block{depth} cls"], platform)
+
+    row = layer_probe.probe(tmp_path / "ckpt", str(data_root))
+    for i in marks[:-1]:  # the blocks before the changed one read as at init
+        assert row["trained"][f"block{i} cls"] == row["init"][f"block{i} cls"]
+    assert f"block{depth} mean" in layer_probe.markdown([row])

@@ -220,6 +220,23 @@ def test_exemplar_hue_reaches_its_view_and_is_range_checked():
         load_config(None, ["method.name=exemplar", "method.hue=0.7"])
 
 
+@pytest.mark.parametrize("name, tile_of", [("jigsaw", lambda m: m.tile), ("relative_patch", lambda m: m.patch),
+                                           ("counting", lambda m: m.views()[0].size // 2)])
+def test_view_scale_enlarges_the_tiles_and_is_range_checked(name, tile_of):
+    from replab.config import ConfigError
+    from replab.validate import load_config
+
+    backbone = build_backbone("resnet18", 32, width=0.125)
+    plain, doubled = (registry.build(name, dict(view_scale=s), backbone, 32) for s in (1.0, 2.0))
+    assert plain.views()[0].size == 32 and doubled.views()[0].size == 64
+    assert tile_of(doubled) >= 2 * tile_of(plain)  # 8 -> 17 px tiles, 7 -> 14, 16 -> 32
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    views = make_views(images, doubled.views(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(doubled(views).loss)  # the enlarged view goes through the whole forward pass
+    with pytest.raises(ConfigError, match=r"^method.view_scale: 0.5 is not valid; expected a number in \[1, 4\]$"):
+        load_config(None, [f"method.name={name}", "method.view_scale=0.5"])
+
+
 def test_exemplar_ids_are_stable_and_spread(cifar):
     method = registry.build("exemplar", dict(memory_size=50000), build_backbone("resnet18", 32, width=0.25), 32)
     g = torch.Generator().manual_seed(0)

@@ -15,6 +15,20 @@ from replab.models.backbones import is_vit
 from replab.platform.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
+VIEW_SCALE_RANGE = {"range": (1.0, 4.0, False)}
+"""``metadata`` of a tile task's ``view_scale`` parameter (see :func:`view_side`)."""
+
+
+def view_side(resolution: int, view_scale: float, multiple: int = 1) -> int:
+    """Side of a tile task's view: the crop resized to ``resolution * view_scale`` (a multiple of ``multiple``).
+
+    A tile task cuts its tiles from the view, so at 32 px they are 7-16 px wide while the encoder is later read
+    on whole 32 px images; ``view_scale`` 2 makes each tile about half (jigsaw, relative patch) or all (counting)
+    of the evaluation image's side, at about ``view_scale**2`` the compute.
+    """
+    return max(multiple, multiple * round(resolution * view_scale / multiple))
+
+
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """Undo the views' ImageNet normalisation: ``x * std + mean``, pixels in [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)

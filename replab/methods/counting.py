@@ -12,6 +12,9 @@ bicubic (both antialiased) and area averaging (the paper draws among bilinear, b
 torch has no Lanczos). The five inputs of an image (D(x) and four tiles) go through the backbone in one
 batch at half the view's side.
 
+``view_scale`` enlarges the view before it is cut, so that D(x) and the tiles can be as large as the images the
+encoder is later evaluated on (at 32 px and scale 1 they are 16 px).
+
 Defaults: 1000 counts, M = 10 (the paper). Views: crop (scale 0.2-1, ours) + flip. Optimizer: Adam, lr
 1e-4 (a public re-implementation that reproduces the paper's AlexNet numbers, ahmdtaha/tf_learning_to_count;
 the paper's own schedule is for Caffe), here AdamW with weight decay 1e-4 (ours).
@@ -19,14 +22,14 @@ the paper's own schedule is for Caffe), here AdamW with weight decay 1e-4 (ours)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from replab.methods import losses, registry
-from replab.methods._pretext import fit_to_backbone
+from replab.methods._pretext import VIEW_SCALE_RANGE, fit_to_backbone, view_side
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.platform.data.augment import ViewSpec
 
@@ -36,6 +39,9 @@ class CountingParams:
     count_dim: int = 1000
     margin: float = 10.0
     crop_scale_min: float = 0.2
+    view_scale: float = field(default=1.0, metadata=VIEW_SCALE_RANGE)
+    """The view's side over the resolution (``_pretext.view_side``): at 1, D(x) and the tiles are 16 px at 32 px
+    (the paper's are 114 px); at 2 they are as large as the images the encoder is evaluated on."""
 
 
 def random_downsample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -67,7 +73,8 @@ class Counting(Method):
         self.counter = nn.Sequential(nn.Linear(backbone.out_dim, params.count_dim), nn.ReLU())
 
     def views(self) -> list[ViewSpec]:
-        return [ViewSpec(size=self.resolution, scale=(self.params.crop_scale_min, 1.0), jitter_p=0.0, grayscale_p=0.0)]
+        size = view_side(self.resolution, self.params.view_scale, multiple=2)  # four tiles cover it
+        return [ViewSpec(size=size, scale=(self.params.crop_scale_min, 1.0), jitter_p=0.0, grayscale_p=0.0)]
 
     def phi(self, x: torch.Tensor) -> torch.Tensor:
         return self.counter(self.backbone(fit_to_backbone(x, self.backbone)))

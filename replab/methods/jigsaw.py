@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.methods import registry
-from replab.methods._pretext import crop_tiles, fit_to_backbone, grid_corners
+from replab.methods._pretext import VIEW_SCALE_RANGE, crop_tiles, fit_to_backbone, grid_corners, view_side
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.platform.data.augment import ViewSpec
 
@@ -52,6 +52,9 @@ class JigsawParams:
     crop_scale: float = (225 / 256) ** 2
     """Area of the square crop the puzzle is cut from (225 px of 256 in the paper)."""
     grayscale_p: float = 0.3
+    view_scale: float = field(default=1.0, metadata=VIEW_SCALE_RANGE)
+    """The view's side over the resolution (``_pretext.view_side``): at 32 px and 1 the tiles are 8 px (the
+    paper's 64 px); at 2 they are 17 px."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +99,8 @@ class Jigsaw(Method):
 
     def __init__(self, backbone, params: JigsawParams, resolution: int):
         super().__init__(backbone, params, resolution)
-        cell = resolution // 3
+        self.side = view_side(resolution, params.view_scale)
+        cell = self.side // 3
         self.tile = max(1, int(cell * params.tile_fraction))
         self.jitter = (cell - self.tile) // 2  # the tile anywhere in its cell
         self.register_buffer("permutations", hamming_permutations(params.num_permutations, params.permutation_seed))
@@ -109,7 +113,7 @@ class Jigsaw(Method):
 
     def views(self) -> list[ViewSpec]:
         scale = self.params.crop_scale
-        return [ViewSpec(size=self.resolution, scale=(scale, scale), ratio=(1.0, 1.0), jitter_p=0.0,
+        return [ViewSpec(size=self.side, scale=(scale, scale), ratio=(1.0, 1.0), jitter_p=0.0,
                          grayscale_p=self.params.grayscale_p)]
 
     def forward(self, views, labels=None) -> StepOutput:

@@ -22,7 +22,7 @@ heads; crop (scale 0.5-1, ours) + flip, no colour jitter. Optimizer: SGD, lr 0.1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replab.methods import registry
-from replab.methods._pretext import crop_tiles, fit_to_backbone, grid_corners, unnormalize
+from replab.methods._pretext import VIEW_SCALE_RANGE, crop_tiles, fit_to_backbone, grid_corners, unnormalize, view_side
 from replab.methods.base import Method, OptimizerDefaults, StepOutput
 from replab.platform.data.augment import ViewSpec, normalize
 
@@ -47,6 +47,9 @@ class RelativePatchParams:
     hidden_dim: int = 4096
     """Fully connected layer on the concatenated pair (fc7)."""
     crop_scale_min: float = 0.5
+    view_scale: float = field(default=1.0, metadata=VIEW_SCALE_RANGE)
+    """The view's side over the resolution (``_pretext.view_side``): at 32 px and 1 the patches are 7 px (the
+    paper's 96 px); at 2 they are 14 px."""
 
 
 def drop_colours(patches: torch.Tensor) -> torch.Tensor:
@@ -75,7 +78,8 @@ class RelativePatch(Method):
 
     def __init__(self, backbone, params: RelativePatchParams, resolution: int):
         super().__init__(backbone, params, resolution)
-        pitch = resolution // 3
+        self.side = view_side(resolution, params.view_scale)
+        pitch = self.side // 3
         self.patch = max(1, round(pitch * params.patch_fraction))
         self.jitter = max(1, round(pitch * params.jitter_fraction))
         self.patch_fc = nn.Sequential(nn.Linear(backbone.out_dim, params.patch_dim), nn.ReLU(inplace=True))
@@ -86,7 +90,7 @@ class RelativePatch(Method):
         )
 
     def views(self) -> list[ViewSpec]:
-        return [ViewSpec(size=self.resolution, scale=(self.params.crop_scale_min, 1.0), jitter_p=0.0, grayscale_p=0.0)]
+        return [ViewSpec(size=self.side, scale=(self.params.crop_scale_min, 1.0), jitter_p=0.0, grayscale_p=0.0)]
 
     def forward(self, views, labels=None) -> StepOutput:
         x = views[0]
