@@ -40,6 +40,8 @@ FAMILIES = {
     "barlow_twins": [],  # redundancy reduction
     "swav": [],  # online clustering
     "rotnet": [],  # pretext
+    "mae": ["model.backbone=vit_tiny", "model.width=0.25"],  # masked image modelling (a ViT)
+    "fixmatch": ["data.labels_per_class=4"],  # semi-supervised: 40 of the 256 images labeled
 }
 TINY = ["data.resolution=32", "model.backbone=resnet18", "model.width=0.125", "train.batch_size=64",
         "train.epochs=3", "train.log_every=2", "train.warmup_epochs=0", "eval.knn=false", "eval.linear=false",
