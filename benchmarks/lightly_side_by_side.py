@@ -51,8 +51,9 @@ What differs (each side keeps its own recipe; the numbers compare recipes on one
 -------------------------------------------------------------------------------------------------------------
 The replab side below is as measured on 2026-12-05 (docs/RESULTS.md). Since then the ``cpu`` recipes of BYOL (SGD
 0.12 per 256, wd 5e-4) and SwAV (lightly's settings: 512 prototypes never frozen, 2 crops, 512-wide projector,
-jitter strength 0.5, AdamW 2e-3 per 256, wd 1e-6) follow lightly's where lightly's learnt and replab's did not; a
-re-run uses them.
+jitter strength 0.5, AdamW 2e-3 per 256, wd 1e-6) follow lightly's where lightly's learnt and replab's did not, and
+DINO's (BN in the head, teacher momentum 0.99 -> 1, AdamW 2e-3 per 256, last layer never frozen) was found at the
+reference budget; a re-run uses them.
 - Optimizer and schedule. lightly (CIFAR benchmark): SimCLR, BYOL, DINO: SGD lr 0.06 x B/128, momentum 0.9, weight
   decay 5e-4 on every parameter; SwAV: Adam lr 1e-3 x B/128, wd 1e-6; cosine per epoch from the first epoch's full
   rate (epoch e uses lr x (1 + cos(pi e / E)) / 2), no warm-up. replab (method defaults, lr x B/256): SimCLR SGD 0.12
